@@ -1,0 +1,99 @@
+"""boto3 clients and the translation of AWS trouble into BEC's error kinds.
+
+Credentials come from boto3's standard chain; the endpoint from the standard
+``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``/``_SQS``) so moto, LocalStack or MinIO work
+unchanged. Retries are botocore's ``adaptive`` mode (exponential back-off with jitter and
+client-side rate limiting): no hand-written retry loops around single calls.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from bec.errors import BadInput, RetryableError, Unavailable
+
+# Codes that mean "the request itself is wrong" rather than "try again".
+_CLIENT_FAULTS = {
+    "AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NoSuchBucket",
+    "InvalidParameterValue", "InvalidAttributeName", "UnrecognizedClientException",
+}
+
+
+def client_config(max_attempts: int = 6, pool: int = 32, read_timeout: float = 60) -> botocore.config.Config:
+    return botocore.config.Config(
+        retries={"mode": "adaptive", "max_attempts": max_attempts},
+        max_pool_connections=pool,
+        connect_timeout=5,
+        read_timeout=read_timeout,
+    )
+
+
+def session(region: str) -> boto3.session.Session:
+    return boto3.session.Session(region_name=region)
+
+
+def client(service: str, region: str, *, max_attempts: int = 6, pool: int = 32,
+           read_timeout: float = 60) -> Any:
+    return session(region).client(service, config=client_config(max_attempts, pool, read_timeout))
+
+
+def endpoint_of(service_client: Any) -> str:
+    return service_client.meta.endpoint_url
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return type(exc).__name__
+
+
+@contextlib.contextmanager
+def cli_errors(what: str, endpoint: str | None = None) -> Iterator[None]:
+    """For CLI commands: AWS failures become one clear line (``Unavailable``/``BadInput``)."""
+    try:
+        yield
+    except (botocore.exceptions.EndpointConnectionError,
+            botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError) as exc:
+        where = endpoint or getattr(exc, "kwargs", {}).get("endpoint_url") or "AWS"
+        raise Unavailable(f"{what}: cannot reach {where} ({type(exc).__name__})") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise Unavailable(f"{what}: no AWS credentials found (environment, ~/.aws, or "
+                          "instance profile)") from None
+    except botocore.exceptions.NoRegionError:
+        raise BadInput(f"{what}: no AWS region: set BEC_REGION or pass --region") from None
+    except botocore.exceptions.ClientError as exc:
+        err = exc.response.get("Error", {})
+        raise Unavailable(f"{what}: {err.get('Code', 'error')}: {err.get('Message', '')}".rstrip(": ")) from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise Unavailable(f"{what}: {exc}") from None
+
+
+def is_not_found(exc: BaseException) -> bool:
+    return error_code(exc) in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+def as_retryable(what: str, exc: BaseException) -> RetryableError:
+    """For the worker: infrastructure trouble that retries did not cure."""
+    return RetryableError(f"{what}: {error_code(exc)}: {_short(exc)}")
+
+
+def is_client_fault(exc: BaseException) -> bool:
+    return error_code(exc) in _CLIENT_FAULTS
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:limit]
+
+
+def configured_endpoint(service: str) -> str | None:
+    """The endpoint override in force for a service, if any (for start-up lines)."""
+    return (os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}")
+            or os.environ.get("AWS_ENDPOINT_URL"))

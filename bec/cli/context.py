@@ -1,0 +1,73 @@
+"""What every command shares: settings, and the database and SQS client made on demand.
+
+Services are opened lazily so that ``--help`` and input validation never need a network,
+and so that bad input is rejected before anything is contacted or created.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+from rich.console import Console
+
+from bec import aws
+from bec.config import Settings
+from bec.db import Database
+
+def _width(stream: object) -> int | None:
+    """Rich squeezes tables to 80 columns when piped; the guide's tables need more."""
+    isatty = getattr(stream, "isatty", lambda: False)
+    if isatty() or os.environ.get("COLUMNS"):
+        return None
+    return 160
+
+
+out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+
+
+@dataclass
+class AppContext:
+    env_file: str | None = None
+    region_override: str | None = None
+    _settings: Settings | None = None
+    _db: Database | None = None
+    _clients: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.from_env(self.env_file)
+        return self._settings
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = Database(self.settings.db_params(), max_size=2, application_name="bec-cli")
+            self._db.ensure_schema()
+        return self._db
+
+    @property
+    def region(self) -> str:
+        return self.settings.region(self.region_override)
+
+    def client(self, service: str, **kwargs: Any) -> Any:
+        key = f"{service}:{sorted(kwargs.items())}"
+        if key not in self._clients:
+            self._clients[key] = aws.client(service, self.region, **kwargs)
+        return self._clients[key]
+
+    @property
+    def sqs(self) -> Any:
+        return self.client("sqs")
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+pass_app = click.make_pass_decorator(AppContext)

@@ -1,0 +1,209 @@
+"""``bec jobs``: create, list, show, update, delete jobs; their task statistics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from bec import aws, jobs as jobstore, queues
+from bec.cli.context import AppContext, out, pass_app
+from bec.errors import BadInput
+from bec.ids import check_job_name, queue_names
+from bec.jobkinds import validate_config
+
+
+@click.group()
+def jobs() -> None:
+    """Create and inspect jobs (each job has a tasks queue and a DLQ)."""
+
+
+def read_config(config_file: str | None, config_text: str | None, job_name: str) -> dict[str, Any]:
+    if config_file and config_text:
+        raise BadInput("give either --config or --config-text, not both")
+    if config_file:
+        try:
+            text = Path(config_file).read_text()
+        except OSError as exc:
+            raise BadInput(f"cannot read config file {config_file}: {exc.strerror}") from None
+        config = jobstore.parse_config_text(text, f"config file {config_file}")
+    elif config_text is not None:
+        config = jobstore.parse_config_text(config_text, "--config-text")
+    else:
+        config = {}
+    return validate_config(job_name, config)
+
+
+@jobs.command("create")
+@click.option("--name", "name", required=True, help="Job name: letters, digits, '-' and '_'.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON config file.")
+@click.option("--config-text", help="JSON config given inline.")
+@click.option("--queue-url", help="Use this existing tasks queue instead of bec_{name}_tasks.")
+@click.option("--dlq-url", help="Use this existing DLQ instead of bec_{name}_dlq.")
+@click.option("--max-receive-count", type=click.IntRange(1, 1000), default=queues.DEFAULT_MAX_RECEIVE_COUNT,
+              show_default=True, help="Deliveries before SQS moves a message to the DLQ.")
+@click.option("--visibility-timeout", type=click.IntRange(0, 43200), default=queues.DEFAULT_VISIBILITY,
+              show_default=True, help="Default visibility timeout of a new tasks queue (s).")
+@pass_app
+def create(app: AppContext, name: str, config_file: str | None, config_text: str | None,
+           queue_url: str | None, dlq_url: str | None, max_receive_count: int,
+           visibility_timeout: int) -> None:
+    """Create a job and its SQS queues (reused when they exist)."""
+    check_job_name(name)
+    if bool(queue_url) != bool(dlq_url):
+        raise BadInput("--queue-url and --dlq-url go together")
+    config = read_config(config_file, config_text, name)
+    db = app.db
+    if jobstore.find(db, name):
+        raise BadInput(f"job {name!r} already exists (see `bec jobs show {name}`)")
+    sqs = app.sqs
+    with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
+        if queue_url and dlq_url:
+            for url in (queue_url, dlq_url):
+                queues.queue_arn(sqs, url)  # proves it exists and is reachable
+            out.print(f"Using existing queues for job '{name}'...")
+            out.print(f"✓ Using queue: {queue_url}")
+            out.print(f"✓ Using DLQ: {dlq_url}")
+        else:
+            out.print(f"Creating SQS queues for job '{name}'...")
+            pair = queues.ensure_queues(sqs, *queue_names(name), max_receive_count=max_receive_count,
+                                        visibility_timeout=visibility_timeout)
+            queue_url, dlq_url = pair.queue_url, pair.dlq_url
+            out.print(f"✓ {'Created' if pair.created_queue else 'Reused'} queue: {queue_url}")
+            out.print(f"✓ {'Created' if pair.created_dlq else 'Reused'} DLQ: {dlq_url}")
+    job = jobstore.insert(db, name, config, queue_url, dlq_url)
+    out.print(f"✓ Created job: id={job.id}, name={job.name}")
+
+
+@jobs.command("list")
+@pass_app
+def list_jobs(app: AppContext) -> None:
+    """List all jobs."""
+    table = Table()
+    for column in ("ID", "Name", "Queue", "Config"):
+        table.add_column(column)
+    for job in jobstore.all_jobs(app.db):
+        config = json.dumps(job.config)
+        table.add_row(str(job.id), job.name, queues.queue_name_of(job.queue_url),
+                      config if len(config) <= 12 else config[:8] + "...")
+    out.print(table)
+
+
+@jobs.command("show")
+@click.argument("name")
+@pass_app
+def show(app: AppContext, name: str) -> None:
+    """Show a job's queues and configuration."""
+    job = jobstore.get(app.db, check_job_name(name))
+    out.print(f"Job {job.id}")
+    out.print(f"Name: {job.name}")
+    out.print(f"Queue URL: {job.queue_url}")
+    out.print(f"DLQ URL: {job.dlq_url}")
+    out.print("Configuration:")
+    out.print(json.dumps(job.config, indent=2), markup=False)
+
+
+@jobs.command("update")
+@click.argument("name")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON config file.")
+@click.option("--config-text", help="JSON config given inline.")
+@pass_app
+def update(app: AppContext, name: str, config_file: str | None, config_text: str | None) -> None:
+    """Replace a job's configuration."""
+    check_job_name(name)
+    if not config_file and config_text is None:
+        raise BadInput("give the new configuration with --config FILE or --config-text JSON")
+    config = read_config(config_file, config_text, name)
+    job = jobstore.update_config(app.db, name, config)
+    out.print(f"✓ Updated job: id={job.id}, name={job.name}")
+
+
+@jobs.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--delete-queues", is_flag=True, help="Also delete the job's SQS queues.")
+@pass_app
+def delete(app: AppContext, name: str, yes: bool, delete_queues: bool) -> None:
+    """Delete a job and its task history (queues only with --delete-queues)."""
+    job = jobstore.get(app.db, check_job_name(name))
+    if not yes:
+        what = " and its SQS queues" if delete_queues else ""
+        click.confirm(f"Delete job '{name}' (id={job.id}), its task history{what}?", abort=True)
+    if delete_queues:
+        sqs = app.sqs
+        with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
+            for url in (job.queue_url, job.dlq_url):
+                sqs.delete_queue(QueueUrl=url)
+                out.print(f"✓ Deleted queue: {url}")
+    removed = jobstore.delete(app.db, job.id)
+    out.print(f"✓ Deleted job: id={job.id}, name={job.name} ({removed} task rows)")
+
+
+def _ms(value: Any) -> str:
+    return f"{float(value):.2f}" if value else "0"
+
+
+@jobs.command("stats")
+@click.argument("name")
+@pass_app
+def stats(app: AppContext, name: str) -> None:
+    """Task counts, images, errors and durations by status."""
+    db = app.db
+    job = jobstore.get(db, check_job_name(name))
+    out.print(f"Job Statistics: {job.name} (id={job.id})")
+    out.print()
+    table = Table(title="Task Execution Status")
+    table.add_column("Status")
+    for column in ("Count", "Total Images", "Total Errors", "Avg Duration (ms)"):
+        table.add_column(column, justify="right")
+    for row in jobstore.status_stats(db, job.id):
+        table.add_row(row["status"], str(row["count"]), str(row["total_images"]),
+                      str(row["total_errors"]), _ms(row["avg_duration_ms"]))
+    out.print(table)
+    total = jobstore.overall_stats(db, job.id)
+    out.print()
+    out.print("Overall Totals:")
+    out.print(f"  Total Tasks: {total['total_tasks']}")
+    out.print(f"  Total Images: {total['total_images']}")
+    out.print(f"  Total Errors: {total['total_errors']}")
+    out.print(f"  Avg Duration per Task: {float(total['avg_task_ms']):.2f} ms")
+    out.print(f"  Avg Duration per Page: {float(total['avg_page_ms']):.2f} ms")
+
+
+def _cell(value: Any, fmt: str = "{}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _volume_label(w_id: str, i_id: str, width: int = 17) -> str:
+    label = f"{w_id}/{i_id}"
+    return label if len(label) <= width else label[:width - 3] + "..."
+
+
+@jobs.command("tasks")
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(1, 100000), default=10, show_default=True)
+@click.option("--status", type=click.Choice(jobstore.STATUSES), default=None)
+@pass_app
+def tasks(app: AppContext, name: str, limit: int, status: str | None) -> None:
+    """Recent task executions, newest first."""
+    db = app.db
+    job = jobstore.get(db, check_job_name(name))
+    out.print(f"Recent Task Executions: {job.name} (id={job.id})")
+    out.print()
+    table = Table()
+    table.add_column("ID")
+    table.add_column("Volume")
+    table.add_column("Status")
+    for column in ("Images", "Errors", "Duration (s)"):
+        table.add_column(column, justify="right")
+    table.add_column("Worker")
+    for row in jobstore.recent_tasks(db, job.id, limit, status):
+        running = row["status"] == "running"
+        duration = None if running or row["total_duration_ms"] is None else row["total_duration_ms"] / 1000
+        table.add_row(str(row["id"]), _volume_label(row["w_id"], row["i_id"]), row["status"],
+                      "-" if running else _cell(row["total_images"]),
+                      "-" if running else _cell(row["nb_errors"]),
+                      _cell(duration, "{:.1f}"), row["worker"])
+    out.print(table)

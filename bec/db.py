@@ -1,0 +1,113 @@
+"""PostgreSQL access: one connection pool per process, the schema, error translation.
+
+Every query in BEC goes through ``Database`` and is parameterised. Connection trouble is
+turned into ``Unavailable`` here, at the edge, with the host named and the password never
+shown.
+"""
+from __future__ import annotations
+
+import contextlib
+from importlib import resources
+from typing import Any, Iterator, Sequence
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from bec.config import DbParams
+from bec.errors import Unavailable
+
+SCHEMA_LOCK_KEY = 0x0BEC_5C4E  # advisory lock serialising concurrent schema applies
+
+
+def schema_sql() -> str:
+    return resources.files("bec").joinpath("schema.sql").read_text()
+
+
+class Database:
+    """A process' connection pool with the few query shapes BEC needs."""
+
+    def __init__(self, params: DbParams, *, min_size: int = 1, max_size: int = 4,
+                 connect_timeout: float = 5.0, application_name: str = "bec") -> None:
+        self.params = params
+        self._conninfo = psycopg.conninfo.make_conninfo(
+            host=params.host, port=params.port, user=params.user,
+            password=params.password or None, dbname=params.database,
+            application_name=application_name, connect_timeout=max(1, int(connect_timeout)),
+        )
+        self.pool = ConnectionPool(self._conninfo, min_size=min_size, max_size=max_size,
+                                   open=False, kwargs={"autocommit": True},
+                                   name=f"bec-{application_name}")
+        try:
+            self.pool.open(wait=True, timeout=connect_timeout)
+        except PoolTimeout:
+            self.pool.close(timeout=0)
+            raise Unavailable(self._why_unreachable()) from None
+
+    def _why_unreachable(self) -> str:
+        """Connect once directly to learn the reason the pool could not (no password shown)."""
+        try:
+            psycopg.connect(self._conninfo).close()
+            reason = "timed out"
+        except psycopg.Error as exc:
+            reason = _first_line(str(exc))
+            if self.params.password:
+                reason = reason.replace(self.params.password, "***")
+        return f"cannot connect to PostgreSQL at {self.params.describe()}: {reason}"
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = 30.0) -> Iterator[psycopg.Connection]:
+        try:
+            with self.pool.connection(timeout=timeout) as conn:
+                yield conn
+        except PoolTimeout:
+            raise Unavailable(f"no PostgreSQL connection available from "
+                              f"{self.params.describe()} within {timeout}s") from None
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"PostgreSQL at {self.params.describe()}: "
+                              f"{_first_line(str(exc))}") from exc
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        with self.connection() as conn, conn.transaction():
+            yield conn
+
+    def rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        with self.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def row(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> dict[str, Any] | None:
+        found = self.rows(sql, params)
+        return found[0] if found else None
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.rowcount
+
+    # -- schema ----------------------------------------------------------------------------
+    def apply_schema(self) -> None:
+        """Create or complete the schema; concurrent callers wait for each other."""
+        with self.transaction() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+            conn.execute(schema_sql())
+
+    def ensure_schema(self) -> None:
+        """Apply the schema on first use (cheap check when it is already there)."""
+        found = self.row("SELECT to_regclass('task_executions') IS NOT NULL AS present")
+        if not (found and found["present"]):
+            self.apply_schema()
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"

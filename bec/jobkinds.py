@@ -1,0 +1,24 @@
+"""Which worker implementation a job runs, and how its config is validated.
+
+A job's kind follows its name: ``ldv1`` and names starting with ``ldv1`` (``ldv1-test``,
+``ldv1_fast``) are line-detection jobs whose config is validated key by key; other jobs
+(``ocr``…) have no worker implementation yet and accept any JSON object as config.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+LDV1 = "ldv1"
+
+
+def kind_of(job_name: str) -> str | None:
+    return LDV1 if job_name.startswith(LDV1) else None
+
+
+def validate_config(job_name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Reject unknown keys and wrong types for jobs of a known kind (``BadInput``)."""
+    if kind_of(job_name) == LDV1:
+        from bec.ldv1.config import Ldv1Config
+
+        Ldv1Config.from_mapping(config)
+    return config

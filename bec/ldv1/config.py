@@ -1,0 +1,91 @@
+"""The ldv1 job config: every key with its default, validated before use.
+
+The config lives in ``jobs.config`` (JSON). It is checked at ``jobs create/update`` and
+again at worker start, so a typo (``"batchsize"``) or a wrong type is reported with the
+key's name instead of being silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from bec.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Ldv1Config:
+    use_gpu: bool = True
+    precision: str = "fp16"
+    batch_size: int = 16             # pages gathered into one inference round
+    compile_model: bool = False
+    max_tiles_per_batch: int = 80    # tiles per forward call
+    tile_size: int = 512
+    max_frame_width: int = 4096
+    max_frame_height: int = 2048
+    wide_page_ratio: float = 2.5     # width > ratio × height: a pecha, scaled to one tile row
+    threshold_block: int = 31        # adaptive Gaussian threshold block size (odd)
+    threshold_c: int = 15
+    line_threshold: float = 0.85     # sigmoid probability for the line mask
+    second_pass_angle: float = 3.0   # |skew| from which the rotated page is run again
+    max_error_ratio: float = 0.1     # share of failed pages above which a volume is retried
+    max_image_pixels: int = 120_000_000  # larger images are refused (decompression bombs)
+    channels_last: bool = True
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "Ldv1Config":
+        known = {f.name: f for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"unknown ldv1 config key {key!r} "
+                                  f"(known: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            values[key] = _check_type(key, value, type(getattr(cls, key)))
+        config = cls(**values)
+        config._check_ranges()
+        return config
+
+    def _check_ranges(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"ldv1 config key 'precision' must be one of "
+                              f"{', '.join(PRECISIONS)}, got {self.precision!r}")
+        positive = ("batch_size", "max_tiles_per_batch", "tile_size", "max_frame_width",
+                    "max_frame_height", "max_image_pixels")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"ldv1 config key {key!r} must be positive")
+        if self.tile_size % 32:
+            raise ConfigError("ldv1 config key 'tile_size' must be a multiple of 32")
+        if self.threshold_block < 3 or self.threshold_block % 2 == 0:
+            raise ConfigError("ldv1 config key 'threshold_block' must be an odd number ≥ 3")
+        for key in ("line_threshold", "max_error_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"ldv1 config key {key!r} must be between 0 and 1")
+        if self.wide_page_ratio <= 0:
+            raise ConfigError("ldv1 config key 'wide_page_ratio' must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_type(key: str, value: Any, expected: type) -> Any:
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ConfigError(f"ldv1 config key {key!r} must be {_type_word(expected)}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_word(expected: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        expected, expected.__name__)

@@ -1,0 +1,193 @@
+"""SQS operations behind the job and queue commands.
+
+Queue creation is idempotent (an existing queue is reused and its redrive policy set);
+sends go in batches of 10 with the failed entries of a batch sent again; redrive moves
+messages with SQS's own message-move task where the endpoint has it, and falls back to
+receive → send → delete otherwise (at-least-once, like SQS itself).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import botocore.exceptions
+
+from bec import aws
+
+RETENTION_SECONDS = 14 * 24 * 3600
+DEFAULT_VISIBILITY = 300
+DEFAULT_MAX_RECEIVE_COUNT = 3
+BATCH = 10
+
+
+@dataclass
+class QueuePair:
+    queue_url: str
+    dlq_url: str
+    created_queue: bool
+    created_dlq: bool
+
+
+def _find_queue(sqs: Any, name: str) -> str | None:
+    try:
+        return sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    except botocore.exceptions.ClientError as exc:
+        if aws.error_code(exc) in {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}:
+            return None
+        raise
+
+
+def queue_arn(sqs: Any, url: str) -> str:
+    return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+
+def ensure_queues(sqs: Any, queue_name: str, dlq_name: str, *,
+                  max_receive_count: int = DEFAULT_MAX_RECEIVE_COUNT,
+                  visibility_timeout: int = DEFAULT_VISIBILITY) -> QueuePair:
+    """Create or reuse the tasks queue and its DLQ, wired by a redrive policy."""
+    dlq_url = _find_queue(sqs, dlq_name)
+    created_dlq = dlq_url is None
+    if dlq_url is None:
+        dlq_url = sqs.create_queue(QueueName=dlq_name, Attributes={
+            "MessageRetentionPeriod": str(RETENTION_SECONDS)})["QueueUrl"]
+    redrive = json.dumps({"deadLetterTargetArn": queue_arn(sqs, dlq_url),
+                          "maxReceiveCount": str(max_receive_count)})
+    queue_url = _find_queue(sqs, queue_name)
+    created_queue = queue_url is None
+    if queue_url is None:
+        queue_url = sqs.create_queue(QueueName=queue_name, Attributes={
+            "MessageRetentionPeriod": str(RETENTION_SECONDS),
+            "VisibilityTimeout": str(visibility_timeout),
+            "RedrivePolicy": redrive,
+        })["QueueUrl"]
+    else:
+        sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"RedrivePolicy": redrive})
+    return QueuePair(queue_url, dlq_url, created_queue, created_dlq)
+
+
+def queue_name_of(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+# -- sending --------------------------------------------------------------------------------
+@dataclass
+class SendReport:
+    sent: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (body, reason)
+
+
+def send_bodies(sqs: Any, queue_url: str, bodies: Sequence[str], *,
+                attempts: int = 5, on_progress: Callable[[int], None] | None = None) -> SendReport:
+    """Send in batches of 10; entries SQS reports as failed are sent again with back-off.
+
+    botocore retries whole failed calls; a *partially* failed batch is a successful call,
+    so resending its failed entries is ours to do.
+    """
+    report = SendReport()
+    for start in range(0, len(bodies), BATCH):
+        pending = {str(i): body for i, body in enumerate(bodies[start:start + BATCH])}
+        reasons: dict[str, str] = {}
+        for attempt in range(attempts):
+            if not pending:
+                break
+            if attempt:
+                time.sleep(min(5.0, 0.2 * 2 ** attempt))
+            answer = sqs.send_message_batch(QueueUrl=queue_url, Entries=[
+                {"Id": key, "MessageBody": body} for key, body in pending.items()])
+            for ok in answer.get("Successful", []):
+                pending.pop(ok["Id"], None)
+                report.sent += 1
+            for bad in answer.get("Failed", []):
+                reasons[bad["Id"]] = f"{bad.get('Code', '')}: {bad.get('Message', '')}"
+                if bad.get("SenderFault"):
+                    # the entry itself is wrong; sending it again cannot help
+                    report.failed.append((pending.pop(bad["Id"]), reasons[bad["Id"]]))
+        report.failed.extend((body, reasons.get(key, "not sent")) for key, body in pending.items())
+        if on_progress:
+            on_progress(min(BATCH, len(bodies) - start))
+    return report
+
+
+# -- inspecting -----------------------------------------------------------------------------
+def queue_attributes(sqs: Any, url: str) -> dict[str, str]:
+    return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+
+
+def depth(sqs: Any, url: str) -> dict[str, int]:
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+        "ApproximateNumberOfMessagesDelayed"])["Attributes"]
+    return {"visible": int(attrs.get("ApproximateNumberOfMessages", 0)),
+            "in_flight": int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
+            "delayed": int(attrs.get("ApproximateNumberOfMessagesDelayed", 0))}
+
+
+# -- redrive --------------------------------------------------------------------------------
+@dataclass
+class MoveReport:
+    moved: int = 0
+    method: str = "receive/send/delete"
+    task_handle: str | None = None
+
+
+def start_move_task(sqs_single_try: Any, source_arn: str, dest_arn: str) -> str | None:
+    """SQS's server-side message move; None where the endpoint does not implement it."""
+    try:
+        return sqs_single_try.start_message_move_task(SourceArn=source_arn,
+                                                      DestinationArn=dest_arn)["TaskHandle"]
+    except botocore.exceptions.ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = aws.error_code(exc)
+        if status >= 500 or code in {"UnsupportedOperation", "InvalidAction", "NotImplemented",
+                                     "InternalFailure", "InvalidParameterValue"}:
+            return None
+        raise
+
+
+def move_messages(sqs: Any, source_url: str, dest_url: str, *, max_messages: int | None = None,
+                  on_progress: Callable[[int], None] | None = None,
+                  empty_polls_to_stop: int = 2) -> MoveReport:
+    """Receive → send → delete, in batches of 10.
+
+    A message is deleted from the source only after the destination accepted it, so an
+    interruption can at worst duplicate the messages of one batch (which the idempotent
+    worker absorbs), never lose one.
+    """
+    report = MoveReport()
+    empty = 0
+    while max_messages is None or report.moved < max_messages:
+        want = BATCH if max_messages is None else min(BATCH, max_messages - report.moved)
+        got = sqs.receive_message(QueueUrl=source_url, MaxNumberOfMessages=want,
+                                  WaitTimeSeconds=1, VisibilityTimeout=60,
+                                  MessageAttributeNames=["All"]).get("Messages", [])
+        if not got:
+            empty += 1
+            if empty >= empty_polls_to_stop:
+                break
+            continue
+        empty = 0
+        entries = []
+        for i, msg in enumerate(got):
+            entry: dict[str, Any] = {"Id": str(i), "MessageBody": msg["Body"]}
+            if msg.get("MessageAttributes"):
+                entry["MessageAttributes"] = msg["MessageAttributes"]
+            entries.append(entry)
+        answer = sqs.send_message_batch(QueueUrl=dest_url, Entries=entries)
+        sent_ids = {ok["Id"] for ok in answer.get("Successful", [])}
+        to_delete = [{"Id": str(i), "ReceiptHandle": got[i]["ReceiptHandle"]}
+                     for i in range(len(got)) if str(i) in sent_ids]
+        if to_delete:
+            sqs.delete_message_batch(QueueUrl=source_url, Entries=to_delete)
+        report.moved += len(to_delete)
+        if on_progress:
+            on_progress(len(to_delete))
+        if len(to_delete) < len(got):
+            # the destination refused some; they stay in the source (visible again later)
+            break
+    return report
+
+
+def bodies_for_volumes(volumes: Iterable[tuple[str, str]]) -> list[str]:
+    return [json.dumps({"w_id": w, "i_id": i}) for w, i in volumes]

@@ -1,0 +1,1 @@
+bec/schema.sql
