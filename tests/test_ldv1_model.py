@@ -135,7 +135,7 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
 def test_random_bytes_are_not_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "noise.pth"
     path.write_bytes(bytes(range(256)) * 64)
-    with pytest.raises(ModelError, match="cannot be read"):
+    with pytest.raises(ModelError, match="cannot be read: it is not a PyTorch checkpoint"):
         load_checkpoint(path)
 
 
@@ -143,7 +143,7 @@ def test_truncated_checkpoint_is_reported(prod_ckpt: Path, tmp_path: Path) -> No
     path = tmp_path / "cut.pth"
     data = prod_ckpt.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelError, match="cannot be read"):
+    with pytest.raises(ModelError, match="cannot be read: the file is empty, truncated or corrupted"):
         load_checkpoint(path)
 
 
@@ -275,6 +275,7 @@ def test_unknown_precision_is_rejected() -> None:
         prepare_for_inference(nn.Conv2d(1, 1, 1), CPU, "int8")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised by torch's own imports
 def test_compile_model_wraps_lazily() -> None:
     net = nn.Sequential(nn.Conv2d(3, 2, 1)).eval()
     prepared = prepare_for_inference(net, CPU, "fp32", compile_model=True)

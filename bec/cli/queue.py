@@ -76,7 +76,7 @@ def enqueue(app: AppContext, job_name: str, file: str | None, volumes: tuple[str
 def _when(epoch: str | None) -> str:
     if not epoch:
         return "-"
-    return datetime.fromtimestamp(int(epoch), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(float(epoch), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @queue.command("stats")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -106,6 +107,21 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _why_unreadable(exc: BaseException) -> str:
+    """A short reason for a failed ``torch.load``. torch's own messages run to a
+    paragraph and advise ``weights_only=False``, the one thing an operator must not do
+    with a file of unknown origin."""
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return f"it holds a Python object ({unsafe.group(1)}) that a safe load refuses"
+    if isinstance(exc, EOFError) or "zip archive" in text or "central directory" in text:
+        return "the file is empty, truncated or corrupted"
+    if "Unsupported operand" in text or "load key" in text:
+        return "it is not a PyTorch checkpoint"
+    return f"it is not a readable PyTorch checkpoint ({_first_line(exc)})"
+
+
 def _split(obj: Any, name: str) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
     """Return (state dict without prefixes, arch, arch_kwargs) from a loaded object."""
     if not isinstance(obj, Mapping):
@@ -169,10 +185,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedModel:
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:  # torch raises many types for bad files; all mean the same here
-        raise ModelError(
-            f"model checkpoint {name!r} cannot be read: not a PyTorch checkpoint, truncated, "
-            f"or holding more than tensors ({_first_line(exc)})"
-        ) from None
+        raise ModelError(f"model checkpoint {name!r} cannot be read: {_why_unreadable(exc)}") from None
     sd, arch, kwargs = _split(obj, name)
     module = build_model(arch, kwargs)
     _check_fit(module, sd, arch)

@@ -88,21 +88,23 @@ def gaussian_kernel(ksize: int = BLOCK_SIZE) -> np.ndarray:
     return (taps.astype(np.float64) / total).astype(np.float32)
 
 
-def _blur_axis(x: torch.Tensor, kernel: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+def _blur_axis(x: torch.Tensor, kernel: list[float], dim: int, size: int) -> torch.Tensor:
     """Symmetric 1-D filter along ``dim`` of an already replicate-padded tensor.
 
     Written as shifted multiply-adds rather than ``conv2d`` on purpose: cuDNN runs fp32
     convolutions in TF32 by default, whose ~10-bit mantissa moves the local mean by up
     to ~0.1 grey level and flips far more pixels than the 99.9 % agreement allows.
-    Elementwise ops are exact fp32 on every device, and ~16 passes over a frame are
-    negligible next to the model.
+    Elementwise ops are exact fp32 on every device; pairing the symmetric taps halves
+    the passes, and in-place accumulation into one buffer keeps memory traffic low
+    (on CPU this is as fast as ``conv2d``). The taps are Python floats so the loop never
+    waits on the device.
     """
-    half = kernel.numel() // 2
-    centre = x.narrow(dim, half, size)
-    out = centre * kernel[half]
+    half = len(kernel) // 2
+    out = x.narrow(dim, half, size) * kernel[half]
+    pair = torch.empty_like(out)
     for i in range(half):  # loop over kernel taps, not pixels
-        pair = x.narrow(dim, i, size) + x.narrow(dim, 2 * half - i, size)
-        out = out + pair * kernel[i]
+        torch.add(x.narrow(dim, i, size), x.narrow(dim, 2 * half - i, size), out=pair)
+        out.add_(pair, alpha=kernel[i])
     return out
 
 
@@ -119,14 +121,14 @@ def adaptive_threshold_torch(gray: torch.Tensor) -> torch.Tensor:
     squeeze = gray.dim() == 2
     img = gray.unsqueeze(0) if squeeze else gray
     _, h, w = img.shape
-    kernel = torch.from_numpy(gaussian_kernel()).to(img.device)
+    kernel = [float(k) for k in gaussian_kernel()]
     half = BLOCK_SIZE // 2
     src = img.to(torch.float32).unsqueeze(1)  # N×1×H×W for F.pad's replicate mode
     padded = F.pad(src, (half, half, half, half), mode="replicate").squeeze(1)
     rows = _blur_axis(padded, kernel, dim=2, size=w)  # (N, H+2h, W)
     mean = _blur_axis(rows, kernel, dim=1, size=h)  # (N, H, W)
     mean_u8 = torch.round(mean).clamp_(0, 255).to(torch.int16)
-    out = torch.where(img.to(torch.int16) - mean_u8 > -C, 255, 0).to(torch.uint8)
+    out = (img.to(torch.int16) - mean_u8 > -C).to(torch.uint8).mul_(255)
     return out.squeeze(0) if squeeze else out
 
 

@@ -141,7 +141,9 @@ def _draw_content(rng: np.random.Generator, ink: np.ndarray, mask: np.ndarray,
     # Side panel (page marks of a pecha) and frame, in unrotated coordinates.
     x_text0, x_text1 = margin_x, w - margin_x
     has_frame = rng.random() < 0.8
-    pad = pitch * rng.uniform(0.35, 0.7)
+    # The frame must stay on the page once rotated: bound its padding by the margins.
+    top_room = top0 - (block_w / 2) * sin_a
+    pad = max(0.0, min(pitch * rng.uniform(0.35, 0.7), 0.7 * margin_x, 0.7 * top_room))
     frame_t = max(1, round(rng.uniform(1.0, 3.5) / max(scale, 0.5)))
     panel = wide and rng.random() < 0.5
     if panel:
