@@ -25,8 +25,6 @@ class Ldv1Config:
     max_frame_width: int = 4096
     max_frame_height: int = 2048
     wide_page_ratio: float = 2.5     # width > ratio × height: a pecha, scaled to one tile row
-    threshold_block: int = 31        # adaptive Gaussian threshold block size (odd)
-    threshold_c: int = 15
     line_threshold: float = 0.85     # sigmoid probability for the line mask
     second_pass_angle: float = 3.0   # |skew| from which the rotated page is run again
     max_error_ratio: float = 0.1     # share of failed pages above which a volume is retried
@@ -58,8 +56,6 @@ class Ldv1Config:
                 raise ConfigError(f"ldv1 config key {key!r} must be positive")
         if self.tile_size % 32:
             raise ConfigError("ldv1 config key 'tile_size' must be a multiple of 32")
-        if self.threshold_block < 3 or self.threshold_block % 2 == 0:
-            raise ConfigError("ldv1 config key 'threshold_block' must be an odd number ≥ 3")
         for key in ("line_threshold", "max_error_ratio"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"ldv1 config key {key!r} must be between 0 and 1")

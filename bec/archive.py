@@ -1,0 +1,110 @@
+"""The image archive on S3 (DESIGN §2): volume folders, the gzip'd manifest, versions."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import botocore.exceptions
+
+from bec import aws
+from bec.errors import RetryableError, TerminalError
+from bec.ids import check_i_id, check_w_id
+
+MANIFEST = "dimensions.json"
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_FILENAME = 255
+
+
+def volume_prefix(w_id: str, i_id: str) -> str:
+    """``Works/{md5(W)[:2]}/{W}/images/{W}-{suffix}/`` where suffix drops the I of I+4 digits."""
+    check_w_id(w_id)
+    check_i_id(i_id)
+    suffix = i_id[1:] if len(i_id) == 5 and i_id[1:].isdigit() else i_id
+    shard = hashlib.md5(w_id.encode()).hexdigest()[:2]
+    return f"Works/{shard}/{w_id}/images/{w_id}-{suffix}/"
+
+
+def version_of(etag: str) -> str:
+    """A volume's version: the first six hex digits of its manifest's ETag."""
+    return etag.strip('"')[:6]
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    filename: str
+    width: int | None
+    height: int | None
+    problem: str | None = None  # set when the entry cannot be fetched (bad file name…)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    w_id: str
+    i_id: str
+    prefix: str
+    etag: str
+    entries: tuple[ManifestEntry, ...]
+
+    @property
+    def version(self) -> str:
+        return version_of(self.etag)
+
+    def key(self, entry: ManifestEntry) -> str:
+        return self.prefix + entry.filename
+
+
+def _entry(raw: Any, index: int) -> ManifestEntry:
+    if not isinstance(raw, dict):
+        return ManifestEntry(f"#{index}", None, None, f"manifest entry {index} is not an object")
+    name = raw.get("filename")
+    if not isinstance(name, str) or not name:
+        return ManifestEntry(f"#{index}", None, None, f"manifest entry {index} has no filename")
+    if ("/" in name or "\\" in name or name in (".", "..") or len(name) > MAX_FILENAME
+            or any(ord(c) < 32 for c in name)):
+        return ManifestEntry(name[:MAX_FILENAME], None, None,
+                             f"unsafe file name {name[:60]!r} in manifest")
+
+    def dim(key: str) -> int | None:
+        value = raw.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    return ManifestEntry(name, dim("width"), dim("height"))
+
+
+def parse_manifest(body: bytes, w_id: str, i_id: str, prefix: str, etag: str) -> Manifest:
+    """Decode ``dimensions.json`` (gzip'd JSON list; plain JSON tolerated)."""
+    if body[:2] == b"\x1f\x8b":
+        try:
+            body = gzip.decompress(body)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise TerminalError(f"invalid manifest: gzip data is corrupt ({exc})") from None
+    try:
+        entries = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise TerminalError("invalid manifest: not JSON (nor gzip'd JSON)") from None
+    if not isinstance(entries, list):
+        raise TerminalError(f"invalid manifest: expected a list of images, got {type(entries).__name__}")
+    if not entries:
+        raise TerminalError("invalid manifest: it lists no images")
+    return Manifest(w_id, i_id, prefix, etag, tuple(_entry(e, i) for i, e in enumerate(entries)))
+
+
+def read_manifest(s3: Any, bucket: str, w_id: str, i_id: str) -> Manifest:
+    """Fetch and parse a volume's manifest; missing → terminal, S3 trouble → retryable."""
+    prefix = volume_prefix(w_id, i_id)
+    try:
+        obj = s3.get_object(Bucket=bucket, Key=prefix + MANIFEST)
+        if obj.get("ContentLength", 0) > MAX_MANIFEST_BYTES:
+            raise TerminalError(f"invalid manifest: larger than {MAX_MANIFEST_BYTES} bytes")
+        body = obj["Body"].read()
+    except botocore.exceptions.ClientError as exc:
+        if aws.is_not_found(exc):
+            raise TerminalError(f"manifest missing: s3://{bucket}/{prefix}{MANIFEST}") from None
+        raise aws.as_retryable("reading manifest", exc) from None
+    except (botocore.exceptions.BotoCoreError, OSError) as exc:
+        raise RetryableError(f"reading manifest: {type(exc).__name__}: {exc}") from None
+    return parse_manifest(body, w_id, i_id, prefix, obj["ETag"])

@@ -1,0 +1,74 @@
+"""Generated volumes in the archive's layout (DESIGN §2), for tests, the demo and benchmarks.
+
+Each volume gets pecha-like pages from ``bec.ldv1.synth`` rendered the way the archive
+stores them — RGB or grayscale JPEG, Group 4 bilevel TIFF — and a gzip'd
+``dimensions.json``. The page's true line count is returned so callers can check results.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from bec.archive import MANIFEST, volume_prefix
+
+KINDS = ("jpeg_rgb", "jpeg_gray", "tiff_g4")
+
+
+@dataclass(frozen=True)
+class MadePage:
+    filename: str
+    kind: str
+    n_lines: int
+    width: int
+    height: int
+
+
+def render(kind: str, rng: np.random.Generator, width: int | None = None,
+           height: int | None = None) -> tuple[bytes, Any]:
+    from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
+
+    page = generate_page(rng, "bilevel" if kind == "tiff_g4" else "gray", width, height)
+    if kind == "tiff_g4":
+        return encode_tiff_g4(page.image), page
+    return encode_jpeg(page.image, rgb=(kind == "jpeg_rgb")), page
+
+
+def put_manifest(s3: Any, bucket: str, w_id: str, i_id: str, entries: Sequence[dict[str, Any]],
+                 raw: bytes | None = None) -> str:
+    """Write ``dimensions.json`` (gzip'd JSON unless ``raw`` is given); returns its version."""
+    body = raw if raw is not None else gzip.compress(json.dumps(list(entries)).encode())
+    answer = s3.put_object(Bucket=bucket, Key=volume_prefix(w_id, i_id) + MANIFEST, Body=body)
+    return answer["ETag"].strip('"')[:6]
+
+
+def make_volume(s3: Any, bucket: str, w_id: str, i_id: str, n_pages: int, seed: int,
+                kinds: Sequence[str] = KINDS, size: tuple[int, int] | None = None) -> list[MadePage]:
+    """Upload ``n_pages`` generated pages (kinds in rotation) and the volume's manifest."""
+    rng = np.random.default_rng(seed)
+    prefix = volume_prefix(w_id, i_id)
+    suffix = i_id[1:] if len(i_id) == 5 and i_id[1:].isdigit() else i_id
+    made, entries = [], []
+    for n in range(n_pages):
+        kind = kinds[n % len(kinds)]
+        data, page = render(kind, rng, *(size or (None, None)))
+        name = f"{suffix}{n + 1:04d}.{'tif' if kind == 'tiff_g4' else 'jpg'}"
+        s3.put_object(Bucket=bucket, Key=prefix + name, Body=data)
+        h, w = page.image.shape
+        entry = {"filename": name, "width": int(w), "height": int(h)}
+        if len(data) > 2_000_000:
+            entry["size"] = len(data)
+        entries.append(entry)
+        made.append(MadePage(name, kind, page.n_lines, int(w), int(h)))
+    put_manifest(s3, bucket, w_id, i_id, entries)
+    return made
+
+
+def ensure_bucket(s3: Any, bucket: str) -> None:
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except Exception:
+        s3.create_bucket(Bucket=bucket)

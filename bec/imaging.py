@@ -1,0 +1,164 @@
+"""Image decoding for the fetch processes: bytes → grayscale array at (about) frame size.
+
+JPEG goes through libjpeg-turbo (PyTurboJPEG) straight to grayscale (the luma plane, no
+colour conversion) and, when the frame is smaller than the image, with DCT-domain scaled
+decoding (1/2, 1/4, 1/8…), which skips most of the decoding work. CMYK JPEG, TIFF (Group 4
+bilevel, LZW/ZIP, 16-bit) and anything else go through Pillow. Every failure is a
+``PageError`` with a stable kind, decided here.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from bec.errors import PageError
+
+try:
+    from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJPF_GRAY, TurboJPEG
+
+    _TURBO: TurboJPEG | None = TurboJPEG()
+except Exception:  # library or libturbojpeg missing: Pillow decodes JPEG too
+    _TURBO = None
+    TJCS_CMYK = TJCS_YCCK = TJPF_GRAY = -1
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_SCALES = sorted({Fraction(n, d) for n, d in (_TURBO.scaling_factors if _TURBO else [])
+                  if Fraction(n, d) <= 1})
+
+
+@dataclass
+class Decoded:
+    gray: np.ndarray           # uint8 H×W, possibly already scaled down
+    width: int                 # the original image's size
+    height: int
+    codec: str                 # "turbojpeg" | "pillow"
+
+
+def sniff(data: bytes) -> str:
+    if data[:3] == JPEG_MAGIC:
+        return "jpeg"
+    if data[:4] in TIFF_MAGICS:
+        return "tiff"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return "other"
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise PageError("decode", "corrupt_image", f"image claims a size of {width}×{height}")
+    if width * height > max_pixels:
+        raise PageError("decode", "too_large",
+                        f"image of {width}×{height} = {width * height:,} pixels exceeds the "
+                        f"limit of {max_pixels:,}")
+
+
+def _scale_for(width: int, height: int, want_w: int, want_h: int) -> Fraction | None:
+    """The smallest DCT scale whose output still covers the wanted frame."""
+    best = None
+    for s in _SCALES:
+        sw, sh = -(-width * s.numerator // s.denominator), -(-height * s.numerator // s.denominator)
+        if sw >= want_w and sh >= want_h:
+            best = s
+            break
+    return best if best is not None and best < 1 else None
+
+
+def decode(data: bytes, max_pixels: int,
+           frame_for: Callable[[int, int], tuple[int, int]] | None = None) -> Decoded:
+    """Decode to grayscale; ``frame_for(w, h)`` lets JPEG decode at a reduced scale."""
+    if not data:
+        raise PageError("decode", "empty_file", "the image file is empty (0 bytes)")
+    kind = sniff(data)
+    if kind == "jpeg" and _TURBO is not None:
+        decoded = _decode_turbo(data, max_pixels, frame_for)
+        if decoded is not None:
+            return decoded
+    return _decode_pillow(data, max_pixels, kind)
+
+
+def _decode_turbo(data: bytes, max_pixels: int,
+                  frame_for: Callable[[int, int], tuple[int, int]] | None) -> Decoded | None:
+    assert _TURBO is not None
+    try:
+        width, height, _subsample, colorspace = _TURBO.decode_header(data)
+    except OSError as exc:
+        raise PageError("decode", "corrupt_image", f"JPEG header unreadable: {exc}") from None
+    _check_pixels(width, height, max_pixels)
+    if colorspace in (TJCS_CMYK, TJCS_YCCK):
+        return None  # libjpeg-turbo cannot give gray from CMYK; Pillow converts it
+    scale = None
+    if frame_for is not None:
+        fw, fh = frame_for(width, height)
+        scale = _scale_for(width, height, fw, fh)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a truncated stream is a warning in libjpeg-turbo
+            gray = _TURBO.decode(data, pixel_format=TJPF_GRAY,
+                                 scaling_factor=(scale.numerator, scale.denominator) if scale else None)
+    except (OSError, UserWarning, ValueError) as exc:
+        raise PageError("decode", "corrupt_image", f"JPEG data is corrupt: {exc}") from None
+    if gray.ndim == 3:
+        gray = gray[:, :, 0]
+    return Decoded(np.ascontiguousarray(gray), width, height, "turbojpeg")
+
+
+def _decode_pillow(data: bytes, max_pixels: int, kind: str) -> Decoded:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            _check_pixels(width, height, max_pixels)
+            image.load()
+    except PageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PageError("decode", "too_large", str(exc)) from None
+    except Image.UnidentifiedImageError:
+        raise PageError("decode", "unsupported_format",
+                        f"not a recognised image format (starts with {data[:8]!r})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise PageError("decode", "corrupt_image", f"{kind.upper()} data is corrupt: {exc}") from None
+    try:
+        gray = _to_gray(image)
+    except (OSError, ValueError) as exc:
+        raise PageError("decode", "unsupported_format", f"cannot convert {image.mode} image: {exc}") from None
+    return Decoded(gray, width, height, "pillow")
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode == "L":
+        return np.asarray(image, dtype=np.uint8)
+    if mode == "1":
+        return np.asarray(image, dtype=np.uint8) * np.uint8(255)
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image)
+        if mode == "F" or arr.dtype.kind == "f":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            return ((arr - lo) * (255.0 / max(hi - lo, 1e-9))).astype(np.uint8)
+        top = 65535 if mode.startswith("I;16") else max(int(arr.max()), 1)
+        return (arr.astype(np.uint32) * 255 // top).astype(np.uint8)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def resize_into(gray: np.ndarray, out: np.ndarray) -> None:
+    """Resample to ``out``'s shape (area averaging when shrinking) writing into ``out``."""
+    h, w = out.shape
+    if gray.shape == (h, w):
+        np.copyto(out, gray)
+        return
+    shrinking = gray.shape[0] >= h and gray.shape[1] >= w
+    cv2.resize(gray, (w, h), dst=out, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)

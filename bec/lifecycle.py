@@ -1,0 +1,293 @@
+"""The task lifecycle, top to bottom (DESIGN §5). Every SQS message goes through here.
+
+    admit ─ 1. parse and validate the body ............ poison → DLQ at once, with the reason
+          ─ 2. read the manifest → version ............ missing/invalid → terminal → DLQ
+          ─ 3. ensure the volume row; success.json? ... yes → DB done, delete, next
+          ─ 4. claim the task (one SQL statement) ..... not claimable → leave it to SQS
+    (the controller streams the pages through the pipeline, extending visibility)
+    finish ─ 5. error ratio within max_error_ratio? ... no → retryable
+           ─ 6. Parquet, then success.json, then DB done + metrics, then delete the message
+    retry  ─ DB retryable_failed; the message becomes visible again after a back-off
+    release ─ DB retryable_failed; visible again at once (shutdown, crash of the controller)
+
+Errors are classified where they arise (``bec.errors``); this module only routes them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import botocore.exceptions
+
+from bec import artifacts, aws, tasks
+from bec.archive import Manifest, read_manifest
+from bec.db import Database
+from bec.errors import BecError, PoisonMessage, RetryableError, TerminalError, Unavailable
+from bec.ids import check_i_id, check_w_id
+
+log = logging.getLogger("bec.lifecycle")
+
+MAX_BODY = 4096
+MAX_BACKOFF_S = 900
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the lifecycle talks to, and the facts of this worker."""
+
+    db: Database
+    s3: Any
+    sqs: Any
+    job_name: str
+    job_id: int
+    worker_id: int
+    worker_name: str
+    source_bucket: str
+    dest_bucket: str
+    queue_url: str
+    dlq_url: str
+    config: dict[str, Any]
+    model: dict[str, str]
+    retry_delay: int = 30
+
+
+@dataclass(frozen=True)
+class Received:
+    """An SQS message as received."""
+
+    message_id: str
+    receipt: str
+    body: str
+    receive_count: int
+
+    @classmethod
+    def from_sqs(cls, raw: dict[str, Any]) -> "Received":
+        count = int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1") or 1)
+        return cls(raw["MessageId"], raw["ReceiptHandle"], raw.get("Body", ""), count)
+
+
+class Verdict(Enum):
+    ADMITTED = "admitted"
+    ALREADY_DONE = "already_done"
+    NOT_CLAIMABLE = "not_claimable"
+    POISON = "poison"
+    TERMINAL = "terminal"
+    RETRY = "retry"
+
+
+@dataclass
+class Admission:
+    verdict: Verdict
+    message: Received
+    reason: str = ""
+    w_id: str = ""
+    i_id: str = ""
+    manifest: Manifest | None = None
+    volume_id: int = 0
+    task_id: int = 0
+    attempt: int = 0
+    claimed_at: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.w_id}/{self.i_id}" if self.w_id else "?"
+
+
+# -- 1. parse --------------------------------------------------------------------------------
+def parse_body(body: str) -> tuple[str, str]:
+    if len(body) > MAX_BODY:
+        raise PoisonMessage(f"message body of {len(body)} bytes is too large for a task")
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, ValueError):
+        raise PoisonMessage("message body is not JSON") from None
+    if not isinstance(value, dict):
+        raise PoisonMessage(f"message body must be a JSON object, got {type(value).__name__}")
+    missing = {"w_id", "i_id"} - set(value)
+    if missing:
+        raise PoisonMessage(f"message body lacks {', '.join(sorted(missing))}")
+    extra = set(value) - {"w_id", "i_id"}
+    if extra:
+        raise PoisonMessage(f"message body has unexpected keys: {', '.join(sorted(map(str, extra)))[:200]}")
+    try:
+        return check_w_id(value["w_id"]), check_i_id(value["i_id"])
+    except BecError as exc:
+        raise PoisonMessage(str(exc)) from None
+
+
+# -- admit: steps 1–4 --------------------------------------------------------------------------
+def admit(svc: Services, message: Received) -> Admission:
+    adm = Admission(Verdict.RETRY, message)
+    try:
+        adm.w_id, adm.i_id = parse_body(message.body)                                    # 1
+    except PoisonMessage as exc:
+        adm.verdict, adm.reason = Verdict.POISON, str(exc)
+        send_to_dlq(svc, message, adm.reason)
+        return adm
+    try:
+        try:
+            manifest = read_manifest(svc.s3, svc.source_bucket, adm.w_id, adm.i_id)      # 2
+        except TerminalError as exc:
+            adm.volume_id = tasks.ensure_volume(svc.db, adm.w_id, adm.i_id, None, None)
+            tasks.record_terminal(svc.db, svc.job_id, adm.volume_id, "", svc.worker_id, str(exc))
+            adm.verdict, adm.reason = Verdict.TERMINAL, str(exc)
+            send_to_dlq(svc, message, adm.reason)
+            return adm
+        adm.manifest = manifest
+        version = manifest.version
+        adm.volume_id = tasks.ensure_volume(svc.db, adm.w_id, adm.i_id, version,       # 3
+                                            len(manifest.entries))
+        marker = read_success_marker(svc, adm.w_id, adm.i_id, version)
+        if marker is not None:
+            tasks.record_done_from_marker(svc.db, svc.job_id, adm.volume_id, version,
+                                          svc.worker_id, marker)
+            delete_message(svc, message)
+            adm.verdict = Verdict.ALREADY_DONE
+            return adm
+        claim = tasks.claim(svc.db, svc.job_id, adm.volume_id, version, svc.worker_id,  # 4
+                            len(manifest.entries))
+        if claim is None:
+            adm.verdict, adm.reason = Verdict.NOT_CLAIMABLE, "task is done or running elsewhere"
+            return adm
+        adm.task_id, adm.attempt = claim.task_id, claim.attempt
+        adm.claimed_at = time.time()
+        adm.verdict = Verdict.ADMITTED
+        return adm
+    except (RetryableError, Unavailable) as exc:
+        adm.verdict, adm.reason = Verdict.RETRY, str(exc)
+        retry_later(svc, adm, adm.reason)
+        return adm
+
+
+def read_success_marker(svc: Services, w_id: str, i_id: str, version: str) -> dict[str, Any] | None:
+    key = artifacts.success_key(svc.job_name, w_id, i_id, version)
+    try:
+        body = svc.s3.get_object(Bucket=svc.dest_bucket, Key=key)["Body"].read()
+    except botocore.exceptions.ClientError as exc:
+        if aws.is_not_found(exc):
+            return None
+        raise aws.as_retryable("reading success.json", exc) from None
+    except (botocore.exceptions.BotoCoreError, OSError) as exc:
+        raise RetryableError(f"reading success.json: {exc}") from None
+    try:
+        marker = json.loads(body)
+        return marker if isinstance(marker, dict) else {}
+    except ValueError:
+        return {}
+
+
+# -- finish: steps 5–6 -------------------------------------------------------------------------
+def error_summary(pages: list[artifacts.PageOutcome]) -> str:
+    kinds = Counter(p.error_type for p in pages if not p.ok)
+    return ", ".join(f"{n}× {kind}" for kind, n in kinds.most_common(3))
+
+
+def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) -> Verdict:
+    """Write the artifacts and record success, or route the volume to a retry."""
+    assert adm.manifest is not None
+    version = adm.manifest.version
+    duration_ms = (time.time() - adm.claimed_at) * 1000
+    errors = sum(not p.ok for p in pages)
+    ratio = errors / len(pages) if pages else 1.0
+    if ratio > float(svc.config.get("max_error_ratio", 0.1)):                           # 5
+        reason = (f"{errors} of {len(pages)} pages failed ({ratio:.0%} > max_error_ratio "
+                  f"{svc.config.get('max_error_ratio')}): {error_summary(pages)}")
+        retry_later(svc, adm, reason, nb_errors=errors, duration_ms=duration_ms)
+        return Verdict.RETRY
+    marker = {
+        "job": svc.job_name, "w_id": adm.w_id, "i_id": adm.i_id, "version": version,
+        "manifest_etag": adm.manifest.etag.strip('"'), "total_images": len(pages),
+        "nb_errors": errors, "errors_by_type": dict(Counter(p.error_type for p in pages if not p.ok)),
+        "total_duration_ms": round(duration_ms, 3),
+        "avg_duration_per_page_ms": round(duration_ms / len(pages), 3) if pages else 0.0,
+        "stage_ms": {name: round(sum(p.timings[i] for p in pages), 3)
+                     for i, name in enumerate(("fetch", "decode", "infer", "post"))},
+        "worker": {"id": svc.worker_id, "name": svc.worker_name},
+        "task_id": adm.task_id, "attempt": adm.attempt,
+        "job_config": svc.config, "model": svc.model,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:                                                                                 # 6
+        svc.s3.put_object(Bucket=svc.dest_bucket,
+                          Key=artifacts.parquet_key(svc.job_name, adm.w_id, adm.i_id, version),
+                          Body=artifacts.parquet_bytes(pages, {"bec.model.sha256": svc.model.get("sha256", "")}))
+        svc.s3.put_object(Bucket=svc.dest_bucket,
+                          Key=artifacts.success_key(svc.job_name, adm.w_id, adm.i_id, version),
+                          Body=artifacts.success_bytes(marker), ContentType="application/json")
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
+        retry_later(svc, adm, f"writing artifacts: {aws.error_code(exc)}: {exc}"[:500],
+                    nb_errors=errors, duration_ms=duration_ms)
+        return Verdict.RETRY
+    try:
+        tasks.mark_done(svc.db, adm.task_id, len(pages), errors, duration_ms)
+    except Unavailable as exc:
+        # success.json is written: the next delivery sees it and repairs the DB row.
+        retry_later(svc, adm, f"recording done: {exc}", record=False)
+        return Verdict.RETRY
+    delete_message(svc, adm.message)
+    return Verdict.ADMITTED
+
+
+# -- failure routes ------------------------------------------------------------------------------
+def backoff_s(svc: Services, receive_count: int) -> int:
+    return int(min(MAX_BACKOFF_S, svc.retry_delay * 2 ** max(0, receive_count - 1)))
+
+
+def retry_later(svc: Services, adm: Admission, reason: str, *, nb_errors: int | None = None,
+                duration_ms: float | None = None, record: bool = True) -> None:
+    """Retryable: DB ``retryable_failed`` and the message visible again after a back-off."""
+    if record and adm.task_id:
+        try:
+            tasks.mark_failed(svc.db, adm.task_id, terminal=False, reason=reason,
+                              nb_errors=nb_errors, total_duration_ms=duration_ms)
+        except Unavailable as exc:
+            log.warning("could not record retryable failure of %s: %s", adm.label, exc)
+    set_visibility(svc, adm.message, backoff_s(svc, adm.message.receive_count))
+
+
+def release(svc: Services, adm: Admission, reason: str) -> None:
+    """Give the volume back now: DB ``retryable_failed``, message visible at once."""
+    if adm.task_id:
+        try:
+            tasks.mark_failed(svc.db, adm.task_id, terminal=False, reason=reason)
+        except Unavailable as exc:
+            log.warning("could not record release of %s: %s", adm.label, exc)
+    set_visibility(svc, adm.message, 0)
+
+
+def send_to_dlq(svc: Services, message: Received, reason: str) -> None:
+    """Straight to the DLQ with the reason (as a message attribute), then off the queue."""
+    try:
+        svc.sqs.send_message(QueueUrl=svc.dlq_url, MessageBody=message.body or "(empty)",
+                             MessageAttributes={
+                                 "bec_reason": {"DataType": "String", "StringValue": reason[:1000] or "-"},
+                                 "bec_worker": {"DataType": "String", "StringValue": svc.worker_name or "-"},
+                                 "bec_job": {"DataType": "String", "StringValue": svc.job_name},
+                             })
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        log.warning("could not send message %s to the DLQ (%s); SQS's redrive will",
+                    message.message_id, aws.error_code(exc))
+        return
+    delete_message(svc, message)
+
+
+def delete_message(svc: Services, message: Received) -> None:
+    try:
+        svc.sqs.delete_message(QueueUrl=svc.queue_url, ReceiptHandle=message.receipt)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        log.warning("could not delete message %s (%s); it will be seen again and skipped",
+                    message.message_id, aws.error_code(exc))
+
+
+def set_visibility(svc: Services, message: Received, seconds: int) -> None:
+    try:
+        svc.sqs.change_message_visibility(QueueUrl=svc.queue_url, ReceiptHandle=message.receipt,
+                                          VisibilityTimeout=max(0, min(43200, seconds)))
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        log.warning("could not change visibility of message %s (%s)", message.message_id,
+                    aws.error_code(exc))

@@ -1,0 +1,128 @@
+"""What every child process of the worker shares: its spec, start-up and exit rules.
+
+A child is spawned (never forked: CUDA and threads survive only a fresh interpreter)
+with a ``ChildSpec``. At start it binds its mailbox *first* (so messages sent to its
+role queue up while it loads heavy things), asks the kernel to kill it when the
+supervisor dies (``PR_SET_PDEATHSIG``: no orphans, whatever kills the supervisor), ignores
+SIGINT (Ctrl-C reaches the whole process group; the supervisor alone decides), and
+publishes its pid in the shared pid table.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from bec.errors import BadInput
+from bec.pipeline.messages import Fatal, Mailbox
+from bec.pipeline.slots import SlotLayout, SlotPool, SharedFd
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class PipelineSpec:
+    """Everything the worker's processes need to know, fixed at start (picklable)."""
+
+    namespace: str
+    roles: list[str]
+    slots: tuple[SlotLayout, SharedFd]
+    job_name: str
+    job_id: int
+    worker_id: int
+    config: dict[str, Any]               # the validated job config (ldv1 keys)
+    model_path: str
+    model_identity: dict[str, str]
+    region: str
+    source_bucket: str
+    dest_bucket: str
+    queue_url: str
+    dlq_url: str
+    db: Any                              # DbParams
+    device: str = "cpu"                  # inference device ("cpu", "cuda")
+    threshold_in_fetch: bool = True      # CPU: threshold in the (many) fetch processes
+    fetch_threads: int = 4
+    n_fetch: int = 1
+    n_infer: int = 1
+    n_post: int = 1
+    infer_threads: int = 1
+    poll_wait: int = 20
+    visibility_timeout: int = 300
+    shutdown_after_empty: int = 6
+    max_volumes_in_flight: int = 3
+    retry_delay: int = 30
+    log_json: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def role_index(self, role: str) -> int:
+        return self.roles.index(role)
+
+    def pid_of(self, pool: SlotPool, role: str) -> int:
+        return int(pool.pids[self.role_index(role)])
+
+
+@dataclass
+class ChildSpec:
+    role: str           # "fetch-0", "infer-0", "post-0", "controller"
+    module: str         # bec.pipeline.fetch …: its ``run(ctx)`` is the process body
+    pipeline: PipelineSpec
+    parent_pid: int
+
+
+@dataclass
+class ChildContext:
+    """A running child's handles: spec, mailbox, slots, logger."""
+
+    spec: ChildSpec
+    mailbox: Mailbox
+    slots: SlotPool
+    log: logging.Logger
+
+    @property
+    def pipeline(self) -> PipelineSpec:
+        return self.spec.pipeline
+
+    def pid_of(self, role: str) -> int:
+        return self.pipeline.pid_of(self.slots, role)
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.spec.parent_pid
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def child_main(spec: ChildSpec) -> None:
+    """Entry point of every child process (the target given to multiprocessing)."""
+    _die_with_parent(spec.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mailbox = Mailbox(spec.pipeline.namespace, spec.role)
+    slots = SlotPool.attach(spec.pipeline.slots)
+    from bec.logs import setup_logging
+
+    setup_logging(json_lines=spec.pipeline.log_json)
+    log = logging.getLogger(f"bec.{spec.role}")
+    slots.pids[spec.pipeline.role_index(spec.role)] = os.getpid()
+    ctx = ChildContext(spec, mailbox, slots, log)
+    try:
+        importlib.import_module(spec.module).run(ctx)
+    except BadInput as exc:  # cannot work at all (model, config): the whole worker stops
+        mailbox.send("supervisor", Fatal(spec.role, str(exc)), timeout=5)
+        sys.exit(2)
+    except Exception:
+        log.exception("%s crashed", spec.role)
+        sys.exit(1)
+    finally:
+        mailbox.close()

@@ -1,0 +1,135 @@
+"""Fetch/decode process: S3 GET → decode → grayscale frame in a slot → inference.
+
+Each process runs a small thread pool so that several GETs are in flight at once (S3
+latency dominates a single GET); decoding and resizing release the GIL (libjpeg-turbo,
+OpenCV), so the same threads decode. The frame is resized straight into the slot's
+shared memory and, on CPU hosts, thresholded there too (cheapest where there are many
+processes). Per-page failures become ``PageFailed`` for the controller.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import botocore.exceptions
+import cv2
+import numpy as np
+
+from bec import aws, imaging
+from bec.errors import PageError
+from bec.ldv1.preprocess import BLOCK_SIZE, C, frame_size
+from bec.pipeline import slots as S
+from bec.pipeline.child import ChildContext
+from bec.pipeline.messages import Fetch, FrameReady, PageFailed, Stop
+
+
+def frame_for(config: dict[str, Any], area_bytes: int):
+    """The frame rule of DESIGN §7, bounded by what one slot can hold."""
+    tile = config["tile_size"]
+    max_w, max_h = config["max_frame_width"], config["max_frame_height"]
+
+    def rule(width: int, height: int) -> tuple[int, int]:
+        fw, fh = frame_size(width, height, tile, max_w, max_h)
+        if fw * fh > area_bytes:  # an extreme strip: shrink until it fits a slot
+            scale = (area_bytes / (fw * fh)) ** 0.5
+            fw, fh = max(1, int(fw * scale)), max(1, int(fh * scale))
+        return fw, fh
+
+    return rule
+
+
+class Fetcher:
+    def __init__(self, ctx: ChildContext) -> None:
+        self.ctx = ctx
+        p = ctx.pipeline
+        self.s3 = aws.client("s3", p.region, pool=p.fetch_threads + 2)
+        self.rule = frame_for(p.config, ctx.slots.layout.area_bytes)
+        self.max_pixels = int(p.config["max_image_pixels"])
+        self.threshold_here = p.threshold_in_fetch
+        self.index = int(ctx.spec.role.rsplit("-", 1)[1])
+
+    def handle(self, msg: Fetch) -> None:
+        row = self.ctx.slots.table[msg.slot]
+        if int(row["gen"]) != msg.gen or int(row["state"]) != S.FETCH:
+            return  # stale: the slot was recovered and reassigned
+        try:
+            self._process(msg)
+        except PageError as exc:
+            self._fail(msg, exc.stage, exc.kind, str(exc))
+        except Exception as exc:  # an unexpected bug must not take the process down
+            self.ctx.log.exception("fetch of %s failed unexpectedly", msg.key)
+            self._fail(msg, "decode", "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _process(self, msg: Fetch) -> None:
+        pool, slot = self.ctx.slots, msg.slot
+        t0 = time.perf_counter()
+        data, etag = self._get(msg.bucket, msg.key)
+        t1 = time.perf_counter()
+        decoded = imaging.decode(data, self.max_pixels, self.rule)
+        fw, fh = self.rule(decoded.width, decoded.height)
+        frame = pool.frame(slot, fh, fw)
+        imaging.resize_into(decoded.gray, frame)
+        if self.threshold_here:
+            adaptive_threshold_into(frame, pool.mask(slot, fh, fw))
+        t2 = time.perf_counter()
+        row = pool.table[slot]
+        if int(row["gen"]) != msg.gen:
+            return
+        row["orig_w"], row["orig_h"] = decoded.width, decoded.height
+        row["frame_w"], row["frame_h"] = fw, fh
+        row["binary_ready"] = int(self.threshold_here)
+        row["fetch_ms"], row["decode_ms"] = (t1 - t0) * 1000, (t2 - t1) * 1000
+        row["nbytes"] = len(data)
+        row["etag"] = etag.encode()[:S.ETAG_BYTES]
+        self._forward(msg)
+
+    def _get(self, bucket: str, key: str) -> tuple[bytes, str]:
+        try:
+            obj = self.s3.get_object(Bucket=bucket, Key=key)
+            return obj["Body"].read(), obj.get("ETag", "").strip('"')
+        except botocore.exceptions.ClientError as exc:
+            if aws.is_not_found(exc):
+                raise PageError("fetch", "missing_object", f"s3://{bucket}/{key} does not exist") from None
+            raise PageError("fetch", "s3_error", f"GET s3://{bucket}/{key}: {aws.error_code(exc)}") from None
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise PageError("fetch", "s3_error", f"GET s3://{bucket}/{key}: {type(exc).__name__}: {exc}") from None
+
+    def _forward(self, msg: Fetch) -> None:
+        """Hand the slot to an inference process (ownership first, then the message)."""
+        p = self.ctx.pipeline
+        role = f"infer-{msg.slot % p.n_infer}"
+        row = self.ctx.slots.table[msg.slot]
+        row["owner"] = self.ctx.pid_of(role)
+        row["state"] = S.INFER
+        self.ctx.mailbox.send(role, FrameReady(msg.slot, msg.gen))
+
+    def _fail(self, msg: Fetch, stage: str, kind: str, text: str) -> None:
+        row = self.ctx.slots.table[msg.slot]
+        if int(row["gen"]) != msg.gen:
+            return
+        row["owner"] = self.ctx.pid_of("controller")
+        row["state"] = S.DONE
+        self.ctx.mailbox.send("controller", PageFailed(msg.slot, msg.gen, stage, kind, text[:1000]))
+
+
+def adaptive_threshold_into(frame: np.ndarray, out: np.ndarray) -> None:
+    """The ldv1 threshold, written straight into the slot's mask area."""
+    cv2.adaptiveThreshold(frame, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY,
+                          BLOCK_SIZE, C, dst=out)
+
+
+def run(ctx: ChildContext) -> None:
+    fetcher = Fetcher(ctx)
+    with ThreadPoolExecutor(max_workers=ctx.pipeline.fetch_threads,
+                            thread_name_prefix=ctx.spec.role) as threads:
+        while True:
+            msg = ctx.mailbox.recv(timeout=1.0)
+            if msg is None:
+                if not ctx.parent_alive():
+                    return
+                continue
+            if isinstance(msg, Stop):
+                return
+            if isinstance(msg, Fetch):
+                threads.submit(fetcher.handle, msg)

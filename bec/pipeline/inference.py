@@ -1,0 +1,171 @@
+"""Inference process: tiles from many pages (and volumes) → batched model → line masks.
+
+One process per accelerator (one on CPU). It gathers ``FrameReady`` slots until a batch
+holds ``max_tiles_per_batch`` tiles or ``batch_size`` pages (or nothing more is waiting),
+runs the segmenter once, stitches each page's mask back into its slot and hands the slot
+to a post-processing process. On a GPU the threshold and the tiling run on the device
+(one uint8 upload per page); on CPU the fetch processes have thresholded already.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bec.ldv1 import preprocess as P
+from bec.ldv1.segmenter import Segmenter, load_segmenter, warm_up
+from bec.pipeline import slots as S
+from bec.pipeline.child import ChildContext
+from bec.pipeline.messages import FrameReady, MaskReady, PageFailed, Stop
+
+GATHER_WAIT_S = 0.002  # how long to wait for more pages once a batch has started
+
+
+@dataclass
+class Page:
+    slot: int
+    gen: int
+    height: int
+    width: int
+    rows: int
+    cols: int
+    first_tile: int = 0
+
+
+class Inference:
+    def __init__(self, ctx: ChildContext, segmenter: Segmenter) -> None:
+        self.ctx = ctx
+        self.seg = segmenter
+        cfg = ctx.pipeline.config
+        self.tile = int(cfg["tile_size"])
+        self.max_tiles = int(cfg["max_tiles_per_batch"])
+        self.max_pages = int(cfg["batch_size"])
+        self.on_gpu = segmenter.device.type == "cuda"
+        self.busy_s = 0.0
+
+    # gathering ---------------------------------------------------------------------------
+    def _accept(self, msg: FrameReady) -> Page | None:
+        row = self.ctx.slots.table[msg.slot]
+        if int(row["gen"]) != msg.gen or int(row["state"]) != S.INFER:
+            return None
+        h, w = int(row["frame_h"]), int(row["frame_w"])
+        rows, cols = P.tile_count(h, w, self.tile)
+        return Page(msg.slot, msg.gen, h, w, rows, cols)
+
+    def gather(self, first: FrameReady) -> tuple[list[Page], bool]:
+        """Pages for one batch, starting with ``first``; True in the flag means Stop arrived."""
+        pages: list[Page] = []
+        tiles = 0
+        pending: list[object] = [first]
+        stop = False
+        while True:
+            for msg in pending:
+                if isinstance(msg, Stop):
+                    stop = True
+                elif isinstance(msg, FrameReady) and (page := self._accept(msg)):
+                    page.first_tile = tiles
+                    pages.append(page)
+                    tiles += page.rows * page.cols
+            pending = []
+            if stop or tiles >= self.max_tiles or len(pages) >= self.max_pages:
+                return pages, stop
+            msg = self.ctx.mailbox.recv(timeout=GATHER_WAIT_S)
+            if msg is None:
+                return pages, stop
+            pending.append(msg)
+
+    # running -----------------------------------------------------------------------------
+    def _page_tiles(self, page: Page) -> torch.Tensor:
+        pool = self.ctx.slots
+        row = pool.table[page.slot]
+        if int(row["binary_ready"]):
+            binary = torch.from_numpy(pool.mask(page.slot, page.height, page.width))
+            binary = binary.to(self.seg.device, non_blocking=True)
+        else:
+            gray = torch.from_numpy(pool.frame(page.slot, page.height, page.width))
+            binary = P.adaptive_threshold_torch(gray.to(self.seg.device, non_blocking=True))
+        return P.tile_frame_torch(binary, self.tile)
+
+    def run_batch(self, pages: list[Page]) -> None:
+        started = time.perf_counter()
+        try:
+            tiles = torch.cat([self._page_tiles(p) for p in pages])
+            masks = torch.cat([self.seg.segment(chunk)
+                               for chunk in torch.split(tiles, self.max_tiles)])
+            if masks.device.type != "cpu":
+                masks = masks.cpu()
+        except Exception as exc:  # a failed batch fails its pages, not the process
+            self.ctx.log.exception("inference batch of %d pages failed", len(pages))
+            for page in pages:
+                self._fail(page, f"{type(exc).__name__}: {exc}")
+            return
+        elapsed = time.perf_counter() - started
+        self.busy_s += elapsed
+        n_tiles = tiles.shape[0]
+        for page in pages:
+            row = self.ctx.slots.table[page.slot]
+            if int(row["gen"]) != page.gen:
+                continue
+            count = page.rows * page.cols
+            page_masks = masks[page.first_tile:page.first_tile + count].numpy()
+            out = self.ctx.slots.mask(page.slot, page.height, page.width)
+            out[...] = P.stitch(page_masks, page.rows, page.cols, page.height, page.width)
+            row["infer_ms"] = row["infer_ms"] + elapsed * 1000 * count / n_tiles
+            self._forward(page)
+
+    def _forward(self, page: Page) -> None:
+        p = self.ctx.pipeline
+        role = f"post-{page.slot % p.n_post}"
+        row = self.ctx.slots.table[page.slot]
+        row["owner"] = self.ctx.pid_of(role)
+        row["state"] = S.POST
+        self.ctx.mailbox.send(role, MaskReady(page.slot, page.gen))
+
+    def _fail(self, page: Page, text: str) -> None:
+        row = self.ctx.slots.table[page.slot]
+        if int(row["gen"]) != page.gen:
+            return
+        row["owner"] = self.ctx.pid_of("controller")
+        row["state"] = S.DONE
+        self.ctx.mailbox.send("controller", PageFailed(page.slot, page.gen, "infer", "inference_error",
+                                                       text[:1000]))
+
+
+def build_segmenter(ctx: ChildContext) -> Segmenter:
+    p = ctx.pipeline
+    cfg = p.config
+    device = torch.device(p.device)
+    if device.type == "cuda":
+        index = int(ctx.spec.role.rsplit("-", 1)[1])
+        device = torch.device("cuda", index % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(max(1, p.infer_threads))
+    return load_segmenter(p.model_path, device, cfg["precision"], compile_model=cfg["compile_model"],
+                          channels_last=cfg["channels_last"], threshold=cfg["line_threshold"],
+                          tile=int(cfg["tile_size"]))
+
+
+def run(ctx: ChildContext) -> None:
+    segmenter = build_segmenter(ctx)
+    warm_up(segmenter)
+    ctx.log.debug("%s ready on %s", ctx.spec.role, segmenter.device)
+    engine = Inference(ctx, segmenter)
+    while True:
+        msg = ctx.mailbox.recv(timeout=1.0)
+        if msg is None:
+            if not ctx.parent_alive():
+                return
+            continue
+        if isinstance(msg, Stop):
+            return
+        if not isinstance(msg, FrameReady):
+            continue
+        pages, stop = engine.gather(msg)
+        if pages:
+            engine.run_batch(pages)
+        if stop:
+            return

@@ -1,0 +1,255 @@
+"""The messages between the worker's processes, and the mailboxes that carry them.
+
+Every process owns one mailbox: a Unix datagram socket in the abstract namespace,
+named after the worker and the process' role (``fetch-0``, ``infer-0``…). Why not
+``multiprocessing.Queue``: a queue's reader holds a shared lock while it waits, so a
+reader killed with ``kill -9`` leaves the lock taken and every other reader blocked for
+ever. A datagram is delivered whole or not at all, there is no shared lock, and a dead
+receiver only makes ``send`` fail. Messages lost with a dead process are recovered from
+slot ownership (see ``slots``).
+
+Messages are small JSON objects (never pickles: a mailbox is reachable by local
+processes, so nothing received may execute code), and each datagram's sender must run
+as our own uid (checked with SO_PASSCRED).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import socket
+import struct
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+MAX_DATAGRAM = 64 * 1024
+_UCRED = struct.Struct("3i")
+
+
+# -- the messages ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Message:
+    kind: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class Fetch(Message):
+    """controller → fetch: get this object and decode it into the slot."""
+    kind: ClassVar[str] = "fetch"
+    slot: int
+    gen: int
+    bucket: str
+    key: str
+
+
+@dataclass(frozen=True)
+class FrameReady(Message):
+    """fetch/post → inference: the slot holds a frame to segment."""
+    kind: ClassVar[str] = "frame"
+    slot: int
+    gen: int
+
+
+@dataclass(frozen=True)
+class MaskReady(Message):
+    """inference → post: the slot holds the line mask."""
+    kind: ClassVar[str] = "mask"
+    slot: int
+    gen: int
+
+
+@dataclass(frozen=True)
+class PageDone(Message):
+    """post → controller: the slot holds the page's pickled result."""
+    kind: ClassVar[str] = "done"
+    slot: int
+    gen: int
+
+
+@dataclass(frozen=True)
+class PageFailed(Message):
+    """any stage → controller: the page failed for good (a per-page error)."""
+    kind: ClassVar[str] = "failed"
+    slot: int
+    gen: int
+    stage: str
+    error: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """child → supervisor: initialised (model loaded and warmed up, mailbox bound)."""
+    kind: ClassVar[str] = "ready"
+    role: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Fatal(Message):
+    """child → supervisor: cannot work at all (e.g. the model does not load); stop the worker."""
+    kind: ClassVar[str] = "fatal"
+    role: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop(Message):
+    """supervisor → child: finish what you hold and exit."""
+    kind: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class Drain(Message):
+    """supervisor → controller: stop receiving; finish in-flight volumes within ``grace`` s."""
+    kind: ClassVar[str] = "drain"
+    grace: float
+
+
+@dataclass(frozen=True)
+class ReleaseNow(Message):
+    """supervisor → controller: release every in-flight volume now and finish."""
+    kind: ClassVar[str] = "release"
+
+
+@dataclass(frozen=True)
+class Track(Message):
+    """controller → supervisor: a claimed message to release if the controller dies."""
+    kind: ClassVar[str] = "track"
+    receipt: str
+    task_id: int
+
+
+@dataclass(frozen=True)
+class Untrack(Message):
+    kind: ClassVar[str] = "untrack"
+    receipt: str
+
+
+@dataclass(frozen=True)
+class Finished(Message):
+    """controller → supervisor: nothing left to do (empty polls, or drained)."""
+    kind: ClassVar[str] = "finished"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stats(Message):
+    """controller → supervisor: counters for the closing summary."""
+    kind: ClassVar[str] = "stats"
+    volumes_done: int
+    volumes_failed: int
+    pages: int
+
+
+_TYPES: dict[str, type[Message]] = {
+    cls.kind: cls for cls in (Fetch, FrameReady, MaskReady, PageDone, PageFailed, Ready, Fatal, Stop,
+                              Drain, ReleaseNow, Track, Untrack, Finished, Stats)}
+
+
+def encode(msg: Message) -> bytes:
+    return json.dumps({"t": msg.kind, **asdict(msg)}, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> Message | None:
+    try:
+        raw = json.loads(data)
+        cls = _TYPES[raw.pop("t")]
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+# -- mailboxes -------------------------------------------------------------------------------
+def address(namespace: str, role: str) -> bytes:
+    return f"\0bec-{namespace}-{role}".encode()
+
+
+class Gone(Exception):
+    """The receiver's mailbox does not exist (its process is dead or not started yet)."""
+
+
+class Mailbox:
+    """A process' inbound datagram socket, also used to send to other mailboxes."""
+
+    def __init__(self, namespace: str, role: str) -> None:
+        self.namespace = namespace
+        self.role = role
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.bind(address(namespace, role))
+        self.sock.setblocking(False)
+        self._uid = os.getuid()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    # receiving
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """The next message, or None after ``timeout`` seconds (None = wait for ever)."""
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(_UCRED.size))
+            except BlockingIOError:
+                ready, _, _ = select.select([self.sock], [], [], timeout)
+                if not ready:
+                    return None
+                continue
+            if not self._from_our_uid(ancdata):
+                continue
+            msg = decode(data)
+            if msg is not None:
+                return msg
+
+    def drain(self) -> list[Message]:
+        """Every message already waiting, without blocking."""
+        got = []
+        while (msg := self.recv(0)) is not None:
+            got.append(msg)
+        return got
+
+    def _from_our_uid(self, ancdata: list[tuple[int, int, bytes]]) -> bool:
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
+                _pid, uid, _gid = _UCRED.unpack(data[:_UCRED.size])
+                return uid == self._uid or self._uid == 0 and uid == 0
+        return False
+
+    # sending
+    def try_send(self, role: str, msg: Message) -> bool:
+        """Send without waiting: False when the receiver's queue is full. Raises Gone."""
+        try:
+            self.sock.sendto(encode(msg), address(self.namespace, role))
+            return True
+        except BlockingIOError:
+            return False
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            raise Gone(role) from exc
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                raise Gone(role) from exc
+            if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+                return False
+            raise
+
+    def send(self, role: str, msg: Message, timeout: float = 30.0) -> bool:
+        """Send, waiting while the receiver's queue is full; False if it is gone or stuck."""
+        deadline = time.monotonic() + timeout
+        pause = 0.0005
+        while True:
+            try:
+                if self.try_send(role, msg):
+                    return True
+            except Gone:
+                return False
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)

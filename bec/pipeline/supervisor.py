@@ -1,0 +1,237 @@
+"""Supervisor: the worker's main process. Spawns, watches and stops every other process.
+
+    supervisor ─┬─ controller ........ SQS, manifests, claims, visibility, finalisation
+                ├─ fetch-0 … fetch-N-1  S3 GET + decode → frame in a slot
+                ├─ infer-0 (per GPU) .. batched model → line mask in the slot
+                └─ post-0 … ........... contours, skew, second pass → result in the slot
+
+It registers the worker row and heartbeats it; restarts a dead child with back-off (and
+gives up, exit 1, when one keeps dying); keeps a ledger of the messages the controller
+holds so that, if the controller dies, they are released at once instead of waiting
+out their visibility timeout. SIGTERM/SIGINT drain (finish within ``grace``, release the
+rest); a second signal releases at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bec import aws, tasks
+from bec.db import Database
+from bec.errors import BecError, ModelError, Unavailable
+from bec.pipeline.child import ChildSpec, PipelineSpec, child_main
+from bec.pipeline.messages import (Drain, Fatal, Finished, Mailbox, ReleaseNow, Stop, Track,
+                                   Untrack)
+from bec.pipeline.slots import SlotPool
+
+log = logging.getLogger("bec.supervisor")
+
+HEARTBEAT_S = 5.0
+CHECK_S = 0.25
+MAX_CRASHES = 5           # crashes of one role within CRASH_WINDOW_S before giving up
+CRASH_WINDOW_S = 300.0
+STOP_TIMEOUT_S = 10.0
+
+MODULES = {"controller": "bec.pipeline.controller", "fetch": "bec.pipeline.fetch",
+           "infer": "bec.pipeline.inference", "post": "bec.pipeline.post"}
+
+
+def model_identity(model_path: str) -> dict[str, str]:
+    """File name and sha256 of the checkpoint (without loading torch in the supervisor)."""
+    if model_path == "null":
+        return {"name": "null", "sha256": ""}
+    path = Path(model_path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {model_path} (set BEC_LD_MODEL_PATH or --model-path)")
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"name": path.name, "sha256": digest.hexdigest()}
+
+
+def slot_count(p: PipelineSpec) -> int:
+    batch = int(p.config["batch_size"])
+    return p.n_fetch * (p.fetch_threads + 2) + p.n_infer * 2 * batch + 2 * p.n_post + 4
+
+
+@dataclass
+class Child:
+    role: str
+    process: Any = None
+    crashes: deque = field(default_factory=deque)
+    restart_at: float | None = None
+
+
+class Supervisor:
+    def __init__(self, pipeline: PipelineSpec, db: Database, slots: SlotPool) -> None:
+        self.p = pipeline
+        self.db = db
+        self.slots = slots
+        self.mp = multiprocessing.get_context("spawn")
+        self.mailbox = Mailbox(pipeline.namespace, "supervisor")
+        self.children = {role: Child(role) for role in pipeline.roles if role != "supervisor"}
+        self.ledger: dict[str, int] = {}  # receipt → task id, held by the controller
+        self.signals = 0
+        self.finished: str | None = None
+        self.fatal: str | None = None
+        self.exit_code = 0
+        self._stop_heartbeat = threading.Event()
+        self.sqs = aws.client("sqs", pipeline.region)
+
+    # -- children ------------------------------------------------------------------------------
+    def spawn(self, child: Child) -> None:
+        kind = child.role.split("-")[0]
+        spec = ChildSpec(child.role, MODULES[kind], self.p, os.getpid())
+        proc = self.mp.Process(target=child_main, args=(spec,), name=f"bec-{child.role}", daemon=False)
+        proc.start()
+        child.process = proc
+        child.restart_at = None
+
+    def check_children(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            proc = child.process
+            if proc is not None and proc.exitcode is not None:
+                self.slots.pids[self.p.role_index(child.role)] = 0
+                proc.join(0)
+                child.process = None
+                if self.finished or self.fatal:
+                    continue
+                child.crashes.append(now)
+                while child.crashes and now - child.crashes[0] > CRASH_WINDOW_S:
+                    child.crashes.popleft()
+                log.warning("%s (pid %d) died with exit code %s; restarting (crash %d in %.0f s)",
+                            child.role, proc.pid, proc.exitcode, len(child.crashes), CRASH_WINDOW_S)
+                if child.role == "controller":
+                    self.release_ledger("released: controller restarted")
+                if len(child.crashes) > MAX_CRASHES:
+                    self.fatal = f"{child.role} crashed {len(child.crashes)} times in {CRASH_WINDOW_S:.0f} s"
+                    continue
+                child.restart_at = now + min(30.0, 0.5 * 2 ** (len(child.crashes) - 1))
+            if child.process is None and child.restart_at is not None and now >= child.restart_at \
+                    and not self.finished and not self.fatal:
+                self.spawn(child)
+
+    def release_ledger(self, reason: str) -> None:
+        """Messages the (dead) controller held: visible again now; their tasks retryable."""
+        for receipt, task_id in list(self.ledger.items()):
+            try:
+                self.sqs.change_message_visibility(QueueUrl=self.p.queue_url, ReceiptHandle=receipt,
+                                                   VisibilityTimeout=0)
+            except Exception as exc:  # the message may be deleted already
+                log.debug("release of a message failed: %s", exc)
+            try:
+                tasks.mark_failed(self.db, task_id, terminal=False, reason=reason)
+            except Unavailable as exc:
+                log.warning("could not mark task %d retryable: %s", task_id, exc)
+            self.ledger.pop(receipt, None)
+
+    # -- heartbeat -----------------------------------------------------------------------------
+    def heartbeat(self) -> None:
+        while not self._stop_heartbeat.wait(HEARTBEAT_S):
+            try:
+                tasks.heartbeat(self.db, self.p.worker_id)
+            except BecError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- signals -------------------------------------------------------------------------------
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals += 1
+
+    def react_to_signals(self, seen: int, grace: float) -> int:
+        if self.signals == seen:
+            return seen
+        if seen == 0:
+            log.info("Signal received: draining (grace %.0f s); send it again to stop at once", grace)
+            self.mailbox.send("controller", Drain(grace), timeout=1)
+        else:
+            log.info("Second signal: releasing in-flight volumes now")
+            self.mailbox.send("controller", ReleaseNow(), timeout=1)
+        return self.signals
+
+    # -- main ----------------------------------------------------------------------------------
+    def run(self, grace: float) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+        for child in self.children.values():
+            self.spawn(child)
+        threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
+        seen = 0
+        hard_deadline = float("inf")
+        while True:
+            msg = self.mailbox.recv(timeout=CHECK_S)
+            while msg is not None:
+                self.handle(msg)
+                msg = self.mailbox.recv(timeout=0)
+            if self.signals and seen == 0:
+                hard_deadline = time.monotonic() + grace + 30
+            seen = self.react_to_signals(seen, grace)
+            self.check_children()
+            if self.finished or self.fatal:
+                break
+            if time.monotonic() > hard_deadline:
+                log.warning("controller did not finish within the grace period; stopping")
+                break
+            if self.children["controller"].process is None and seen:
+                break  # draining and the controller is gone: nothing left to wait for
+        return self.shutdown()
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, Track):
+            self.ledger[msg.receipt] = msg.task_id
+        elif isinstance(msg, Untrack):
+            self.ledger.pop(msg.receipt, None)
+        elif isinstance(msg, Finished):
+            self.finished = msg.reason
+        elif isinstance(msg, Fatal):
+            self.fatal = f"{msg.role}: {msg.reason}"
+
+    def shutdown(self) -> int:
+        controller = self.children["controller"].process
+        if controller is not None and controller.exitcode is None:
+            self.mailbox.send("controller", Stop(), timeout=1)
+            controller.join(STOP_TIMEOUT_S)
+        # pick up the controller's last words (Untrack of the volumes it released)
+        for msg in self.mailbox.drain():
+            self.handle(msg)
+        for child in self.children.values():
+            if child.process is not None and child.process.exitcode is None:
+                self.mailbox.send(child.role, Stop(), timeout=0.5)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in self.children.values():
+            proc = child.process
+            if proc is None:
+                continue
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                log.warning("%s did not stop; killing it", child.role)
+                proc.kill()
+                proc.join(5)
+        self.release_ledger("released: worker stopped")
+        self._stop_heartbeat.set()
+        try:
+            tasks.release_running(self.db, self.p.worker_id, "released: worker stopped")
+            tasks.mark_worker_stopped(self.db, self.p.worker_id)
+        except BecError as exc:
+            log.warning("could not mark the worker stopped: %s", exc)
+        self.mailbox.close()
+        if self.fatal:
+            log.error("Error: %s", self.fatal)
+            return 1
+        log.info("Worker completed successfully (%s)", self.finished or "stopped")
+        return 0
+
+
+def new_namespace(worker_id: int) -> str:
+    return f"{worker_id}-{uuid.uuid4().hex[:12]}"

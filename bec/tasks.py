@@ -1,0 +1,161 @@
+"""The SQL of the task lifecycle: volume rows, the atomic claim, outcomes, worker rows.
+
+Each function is one statement (or one short transaction) so that concurrent workers
+can only interleave at statement boundaries, where PostgreSQL's row locks decide.
+"""
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from bec.db import Database
+
+#: A running task whose worker has not heartbeated for this long is up for grabs.
+STALE_AFTER_S = 60.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    task_id: int
+    attempt: int
+
+
+def ensure_volume(db: Database, w_id: str, i_id: str, version: str | None, nb_images: int | None) -> int:
+    row = db.row(
+        """
+        INSERT INTO volumes (bdrc_w_id, bdrc_i_id, last_s3_etag, nb_images)
+        VALUES (%s, %s, %s, %s)
+        ON CONFLICT (bdrc_w_id, bdrc_i_id) DO UPDATE
+           SET last_s3_etag = coalesce(EXCLUDED.last_s3_etag, volumes.last_s3_etag),
+               nb_images = coalesce(EXCLUDED.nb_images, volumes.nb_images),
+               updated_at = now()
+        RETURNING id
+        """, (w_id, i_id, version, nb_images))
+    assert row is not None
+    return int(row["id"])
+
+
+def claim(db: Database, job_id: int, volume_id: int, version: str, worker_id: int,
+          total_images: int, stale_after_s: float = STALE_AFTER_S) -> Claim | None:
+    """Take the task in one statement; None when it is done or running healthily elsewhere.
+
+    Claimable: no row yet; a retryable (or terminal: an operator redrove it) failure; a
+    ``running`` row whose worker stopped or went silent (crashed), or that this very worker
+    holds (its controller restarted and lost track of it).
+    """
+    row = db.row(
+        """
+        INSERT INTO task_executions AS t
+               (job_id, volume_id, s3_etag, status, attempt, worker_id, started_at, total_images)
+        VALUES (%(job)s, %(volume)s, %(version)s, 'running', 1, %(worker)s, now(), %(images)s)
+        ON CONFLICT (job_id, volume_id, s3_etag) DO UPDATE
+           SET status = 'running', attempt = t.attempt + 1, worker_id = EXCLUDED.worker_id,
+               started_at = now(), done_at = NULL, total_images = EXCLUDED.total_images,
+               nb_errors = NULL, total_duration_ms = NULL, avg_duration_per_page_ms = NULL,
+               error_reason = NULL
+         WHERE t.status IN ('retryable_failed', 'terminal_failed')
+            OR (t.status = 'running' AND (
+                    t.worker_id IS NULL
+                 OR t.worker_id = EXCLUDED.worker_id
+                 OR NOT EXISTS (
+                        SELECT 1 FROM workers w
+                         WHERE w.worker_id = t.worker_id
+                           AND w.stopped_at IS NULL
+                           AND w.last_heartbeat_at > now() - make_interval(secs => %(stale)s))))
+        RETURNING id, attempt
+        """, {"job": job_id, "volume": volume_id, "version": version, "worker": worker_id,
+              "images": total_images, "stale": stale_after_s})
+    return Claim(int(row["id"]), int(row["attempt"])) if row else None
+
+
+def mark_done(db: Database, task_id: int, total_images: int, nb_errors: int,
+              total_duration_ms: float) -> None:
+    avg = total_duration_ms / total_images if total_images else 0.0
+    db.execute(
+        """
+        UPDATE task_executions
+           SET status = 'done', done_at = now(), total_images = %s, nb_errors = %s,
+               total_duration_ms = %s, avg_duration_per_page_ms = %s, error_reason = NULL
+         WHERE id = %s
+        """, (total_images, nb_errors, total_duration_ms, avg, task_id))
+
+
+def record_done_from_marker(db: Database, job_id: int, volume_id: int, version: str,
+                            worker_id: int, marker: dict[str, Any]) -> None:
+    """``success.json`` exists but the DB may not say so (crash between the two): fix the DB."""
+    images = int(marker.get("total_images", 0) or 0)
+    duration = float(marker.get("total_duration_ms", 0.0) or 0.0)
+    db.execute(
+        """
+        INSERT INTO task_executions AS t
+               (job_id, volume_id, s3_etag, status, worker_id, done_at, total_images, nb_errors,
+                total_duration_ms, avg_duration_per_page_ms)
+        VALUES (%s, %s, %s, 'done', %s, now(), %s, %s, %s, %s)
+        ON CONFLICT (job_id, volume_id, s3_etag) DO UPDATE
+           SET status = 'done', done_at = coalesce(t.done_at, now()),
+               total_images = EXCLUDED.total_images, nb_errors = EXCLUDED.nb_errors,
+               total_duration_ms = EXCLUDED.total_duration_ms,
+               avg_duration_per_page_ms = EXCLUDED.avg_duration_per_page_ms, error_reason = NULL
+         WHERE t.status <> 'done'
+        """, (job_id, volume_id, version, worker_id, images, int(marker.get("nb_errors", 0) or 0),
+              duration, duration / images if images else 0.0))
+
+
+def mark_failed(db: Database, task_id: int, terminal: bool, reason: str,
+                nb_errors: int | None = None, total_duration_ms: float | None = None) -> None:
+    db.execute(
+        """
+        UPDATE task_executions
+           SET status = %s, done_at = now(), error_reason = %s,
+               nb_errors = coalesce(%s, nb_errors), total_duration_ms = coalesce(%s, total_duration_ms)
+         WHERE id = %s AND status = 'running'
+        """, ("terminal_failed" if terminal else "retryable_failed", reason[:2000], nb_errors,
+              total_duration_ms, task_id))
+
+
+def record_terminal(db: Database, job_id: int, volume_id: int, version: str, worker_id: int,
+                    reason: str) -> None:
+    """A terminal verdict before any claim (missing/invalid manifest): upsert the row."""
+    db.execute(
+        """
+        INSERT INTO task_executions AS t (job_id, volume_id, s3_etag, status, worker_id, done_at,
+                                          error_reason, total_images)
+        VALUES (%s, %s, %s, 'terminal_failed', %s, now(), %s, 0)
+        ON CONFLICT (job_id, volume_id, s3_etag) DO UPDATE
+           SET status = 'terminal_failed', attempt = t.attempt + 1, worker_id = EXCLUDED.worker_id,
+               done_at = now(), error_reason = EXCLUDED.error_reason
+         WHERE t.status <> 'done'
+        """, (job_id, volume_id, version, worker_id, reason[:2000]))
+
+
+# -- workers ----------------------------------------------------------------------------------
+def register_worker(db: Database, name: str, job_id: int, tags: dict[str, Any]) -> int:
+    row = db.row(
+        "INSERT INTO workers (worker_name, hostname, job_id, tags) VALUES (%s, %s, %s, %s) "
+        "RETURNING worker_id", (name, socket.gethostname(), job_id, Jsonb(tags)))
+    assert row is not None
+    return int(row["worker_id"])
+
+
+def heartbeat(db: Database, worker_id: int) -> None:
+    db.execute("UPDATE workers SET last_heartbeat_at = now() WHERE worker_id = %s", (worker_id,))
+
+
+def mark_worker_stopped(db: Database, worker_id: int) -> None:
+    db.execute("UPDATE workers SET stopped_at = now(), last_heartbeat_at = now() "
+               "WHERE worker_id = %s AND stopped_at IS NULL", (worker_id,))
+
+
+def release_running(db: Database, worker_id: int, reason: str) -> int:
+    """Every task this worker still holds goes back to retryable (shutdown, crash recovery)."""
+    return db.execute(
+        "UPDATE task_executions SET status = 'retryable_failed', done_at = now(), error_reason = %s "
+        "WHERE worker_id = %s AND status = 'running'", (reason, worker_id))
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
