@@ -9,7 +9,6 @@ bilevel, LZW/ZIP, 16-bit) and anything else go through Pillow. Every failure is 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -21,12 +20,24 @@ from PIL import Image
 from bec.errors import PageError
 
 try:
-    from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJPF_GRAY, TurboJPEG
+    from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_STOPONWARNING, TJPF_GRAY, TurboJPEG
 
-    _TURBO: TurboJPEG | None = TurboJPEG()
+    class _StrictTurboJPEG(TurboJPEG):
+        """libjpeg-turbo reports a truncated stream as a *warning*, which PyTurboJPEG turns
+        into ``warnings.warn`` (process-global, not per thread). With STOPONWARNING the
+        decode stops there; this makes that an exception in the calling thread."""
+
+        def _TurboJPEG__report_error(self, handle: object) -> None:
+            raise OSError(self._TurboJPEG__get_error_string(handle))
+
+    _TURBO: TurboJPEG | None = _StrictTurboJPEG()
 except Exception:  # library or libturbojpeg missing: Pillow decodes JPEG too
     _TURBO = None
-    TJCS_CMYK = TJCS_YCCK = TJPF_GRAY = -1
+    TJCS_CMYK = TJCS_YCCK = TJPF_GRAY = TJFLAG_STOPONWARNING = -1
+
+# Our own pixel limit (the job's max_image_pixels) is checked from the header before
+# decoding; Pillow's process-wide check would only get in its way.
+Image.MAX_IMAGE_PIXELS = None
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -100,10 +111,9 @@ def _decode_turbo(data: bytes, max_pixels: int,
         fw, fh = frame_for(width, height)
         scale = _scale_for(width, height, fw, fh)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a truncated stream is a warning in libjpeg-turbo
-            gray = _TURBO.decode(data, pixel_format=TJPF_GRAY,
-                                 scaling_factor=(scale.numerator, scale.denominator) if scale else None)
+        # STOPONWARNING: a truncated or damaged stream is an error, not a half-grey page
+        gray = _TURBO.decode(data, pixel_format=TJPF_GRAY, flags=TJFLAG_STOPONWARNING,
+                             scaling_factor=(scale.numerator, scale.denominator) if scale else None)
     except (OSError, UserWarning, ValueError) as exc:
         raise PageError("decode", "corrupt_image", f"JPEG data is corrupt: {exc}") from None
     if gray.ndim == 3:
@@ -113,16 +123,12 @@ def _decode_turbo(data: bytes, max_pixels: int,
 
 def _decode_pillow(data: bytes, max_pixels: int, kind: str) -> Decoded:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            _check_pixels(width, height, max_pixels)
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        _check_pixels(width, height, max_pixels)
+        image.load()
     except PageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PageError("decode", "too_large", str(exc)) from None
     except Image.UnidentifiedImageError:
         raise PageError("decode", "unsupported_format",
                         f"not a recognised image format (starts with {data[:8]!r})") from None

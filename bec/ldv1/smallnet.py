@@ -47,6 +47,9 @@ class _WideBlock(nn.Module):
     The first is 1×k and dilated along x only (context along the line), the second 3×3
     (a little vertical context). Depthwise + pointwise keeps a 96-channel block at a
     fraction of a dense conv's cost; CPU time, not parameters, is the budget here.
+    The wide conv pads by replication: at a tile seam a cut line then looks as if it
+    went on, instead of meeting a wall of zeros that would make its band fade out and
+    break one line into two components.
     """
 
     def __init__(self, ch: int, kernel: int, dilation: int) -> None:
@@ -54,7 +57,7 @@ class _WideBlock(nn.Module):
         pad = (kernel - 1) // 2 * dilation
         self.wide = nn.Sequential(
             nn.Conv2d(ch, ch, (1, kernel), padding=(0, pad), dilation=(1, dilation),
-                      groups=ch, bias=False),
+                      groups=ch, bias=False, padding_mode="replicate"),
             nn.Conv2d(ch, ch, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True))
         self.local = nn.Sequential(
             nn.Conv2d(ch, ch, 3, padding=1, groups=ch, bias=False),

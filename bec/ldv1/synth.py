@@ -158,7 +158,7 @@ def _draw_content(rng: np.random.Generator, ink: np.ndarray, mask: np.ndarray,
     if has_frame:
         strokes += _frame(rng, margin_x - pad, top0 - pad, w - margin_x + pad,
                           top0 + block_h + pad, frame_t)
-    if rng.random() < 0.3:        # a few marks in the outer margin, far from any line
+    if rng.random() < 0.5:        # a few marks in the outer margin, far from any line
         strokes += _margin_note(rng, w, h, margin_x, margin_y, top0, block_h, glyph_h)
 
     bands = []

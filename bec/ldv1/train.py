@@ -109,10 +109,25 @@ def _crop(rng: random.Random, binary: np.ndarray, mask: np.ndarray,
     return b, m
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE for per-pixel confidence (the mask is cut at p > 0.85) plus soft Dice, which
-    keeps thin bands of sparse pages from being traded away for background."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+def _edge_weight(h: int, w: int, margin: int = 48, extra: float = 3.0) -> torch.Tensor:
+    """1 inside, ``1 + extra`` within ``margin`` px of a crop border.
+
+    At inference a line cut by a tile seam is seen by two tiles, each from one side; if
+    either lets the band's probability dip under 0.85 at the seam, the line splits into
+    two. Crop borders are exactly that situation, so they are learned harder.
+    """
+    near_y = torch.zeros(h, 1)
+    near_x = torch.zeros(1, w)
+    near_y[:margin], near_y[-margin:] = 1, 1
+    near_x[:, :margin], near_x[:, -margin:] = 1, 1
+    return (1 + extra * torch.maximum(near_y, near_x))[None, None]
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted BCE for per-pixel confidence (the mask is cut at p > 0.85) plus soft
+    Dice, which keeps thin bands of sparse pages from being traded away for background."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight.expand_as(target))
+    bce = bce * (weight.numel() / weight.sum())
     p = torch.sigmoid(logits)
     inter = (p * target).sum((1, 2, 3))
     dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
@@ -142,12 +157,14 @@ def train(out: Path, seed: int, steps: int, minutes: float, batch: int, crop: tu
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = random.Random(seed)
-    model = SmallLineNet(**ARCH_KWARGS)
+    # channels_last runs oneDNN's faster convolution kernels (≈1.6× per step on CPU).
+    model = SmallLineNet(**ARCH_KWARGS).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     stream = iter(DataLoader(_Pages(seed), batch_size=None, num_workers=1, prefetch_factor=4,
                              collate_fn=_as_is))
     pool: list[tuple[np.ndarray, np.ndarray]] = []
     ch, cw = crop
+    weight = _edge_weight(ch, cw)
     start = time.monotonic()
     budget = minutes * 60.0
     pages = step = 0
@@ -172,12 +189,12 @@ def train(out: Path, seed: int, steps: int, minutes: float, batch: int, crop: tu
                 pool[rng.randrange(pool_size)] = sample
         crops = [_crop(rng, *pool[rng.randrange(len(pool))], ch, cw) for _ in range(batch)]
         x = torch.from_numpy(np.stack([c[0] for c in crops]).astype(np.float32) / 255.0)
-        x = x[:, None].expand(-1, 3, -1, -1)
+        x = x[:, None].expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.float32))[:, None]
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
-        loss = _loss(model(x), y)
+        loss = _loss(model(x), y, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -189,7 +206,7 @@ def train(out: Path, seed: int, steps: int, minutes: float, batch: int, crop: tu
     train_s = time.monotonic() - start
     del stream
 
-    model.eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()
     # Held-out *training-range* seeds: the evaluation range stays unseen by every choice.
     results = evaluate(model, range(VALID_SEED_START, VALID_SEED_START + valid_pages))
     summary = summarise(results)
@@ -199,7 +216,7 @@ def train(out: Path, seed: int, steps: int, minutes: float, batch: int, crop: tu
                "batch": batch, "crop": [ch, cw], "lr": lr, "final_loss": round(float(avg or 0), 5),
                "train_seeds": f"[0, {TRAIN_SEEDS})", "eval_seeds": f">= {EVAL_SEED_START}",
                "valid_exact": round(summary.get("exact_all", 0.0), 4),
-               "torch": torch.__version__}
+               "torch": str(torch.__version__)}
     save(model, out, trained)
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB) after {step} steps, "
           f"{train_s / 60:.1f} min", flush=True)

@@ -23,6 +23,7 @@ from bec.pipeline.messages import Fatal, Mailbox
 from bec.pipeline.slots import SlotLayout, SlotPool, SharedFd
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 @dataclass
@@ -94,10 +95,12 @@ class ChildContext:
         return os.getppid() == self.spec.parent_pid
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(parent_pid: int, role: str) -> None:
+    """Die with the supervisor; name the process ``bec-<role>`` for ps/top (and tests)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(f"bec-{role}"[:15].encode()), 0, 0, 0)
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
@@ -106,7 +109,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def child_main(spec: ChildSpec) -> None:
     """Entry point of every child process (the target given to multiprocessing)."""
-    _die_with_parent(spec.parent_pid)
+    _die_with_parent(spec.parent_pid, spec.role)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     mailbox = Mailbox(spec.pipeline.namespace, spec.role)
     slots = SlotPool.attach(spec.pipeline.slots)

@@ -1,0 +1,194 @@
+"""`bec worker` end to end on the local stack: real processes, real S3/SQS/PostgreSQL state."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from bec.archive import volume_prefix
+from bec.devstack.volumes import put_manifest
+from bec.ldv1.preprocess import frame_size
+from conftest import SOURCE_BUCKET
+from workerkit import (add_volumes, enqueue, manifest, queue_counts, read_parquet, read_success,
+                       run_worker, send, setup_job, shm_entries, start_worker, tasks)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def no_shm_leak():
+    before = shm_entries()
+    yield
+    time.sleep(0.5)
+    leaked = {e for e in shm_entries() - before if not e.startswith("PostgreSQL")}
+    assert not leaked, f"/dev/shm entries left behind: {leaked}"
+
+
+def assert_volume_done(stack, w, i, pages):
+    version = stack.db.row("SELECT last_s3_etag FROM volumes WHERE bdrc_w_id=%s AND bdrc_i_id=%s", (w, i))["last_s3_etag"]
+    rows = read_parquet(stack, w, i, version)
+    entries = manifest(stack, w, i)
+    assert [r["img_file_name"] for r in rows] == [e["filename"] for e in entries]
+    assert len(rows) == pages
+    return version, rows
+
+
+def test_volumes_end_to_end(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 2, pages=5)
+    enqueue(stack, q["queue"], vols)
+    run = run_worker(stack)
+    out = run.output
+    for line in ("Starting BEC Worker", "Job: ldv1", "Region: us-east-1", "Source bucket: archive.tbrc.org",
+                 "Dest bucket: bec-test-artifacts", "Worker initialized: worker_id=1, job_id=1",
+                 f"Queue: {q['queue']}", f"DLQ: {q['dlq']}", "Worker completed successfully",
+                 "Worker shutdown complete"):
+        assert line in out, line
+    assert out.count("Successfully processed message:") == 2
+
+    rows = tasks(stack)
+    assert [(r["w_id"], r["i_id"], r["status"], r["attempt"]) for r in rows] == [
+        ("W22084", "I0000", "done", 1), ("W22084", "I0001", "done", 1)]
+    for row, (w, i) in zip(rows, vols):
+        assert row["total_images"] == 5 and row["nb_errors"] == 0
+        assert row["total_duration_ms"] > 0 and row["avg_duration_per_page_ms"] == pytest.approx(row["total_duration_ms"] / 5)
+        assert row["done_at"] is not None and row["worker_id"] == 1
+        version, pages = assert_volume_done(stack, w, i, 5)
+        assert row["s3_etag"] == version
+        prefix = volume_prefix(w, i)
+        for page, entry in zip(pages, manifest(stack, w, i)):
+            head = stack.s3.head_object(Bucket=SOURCE_BUCKET, Key=prefix + entry["filename"])
+            assert page["ok"] and page["img_s3_etag"] == head["ETag"].strip('"')
+            assert (page["width"], page["height"]) == (entry["width"], entry["height"])
+            assert (page["frame_width"], page["frame_height"]) == frame_size(entry["width"], entry["height"])
+        marker = read_success(stack, w, i, version)
+        assert marker["total_images"] == 5 and marker["nb_errors"] == 0
+        assert marker["model"] == {"name": "null", "sha256": ""}
+        assert marker["worker"]["id"] == 1 and marker["job_config"]["precision"] == "fp32"
+    assert queue_counts(stack, q["queue"]) == (0, 0)
+    worker = stack.db.row("SELECT * FROM workers")
+    assert worker["stopped_at"] is not None
+
+
+def test_mixed_formats_decode(stack):
+    """RGB and gray JPEG and Group 4 TIFF pages all decode (to the frame rule's size)."""
+    q = setup_job(stack)
+    vols = add_volumes(stack, 1, pages=6, kinds=("jpeg_rgb", "jpeg_gray", "tiff_g4"))
+    enqueue(stack, q["queue"], vols)
+    run_worker(stack)
+    _, rows = assert_volume_done(stack, *vols[0], 6)
+    assert all(r["ok"] for r in rows), rows
+    assert [r["img_file_name"].rsplit(".", 1)[1] for r in rows] == ["jpg", "jpg", "tif"] * 2
+
+
+def test_duplicate_messages_make_one_task(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 1, pages=3)
+    enqueue(stack, q["queue"], vols * 3)
+    run = run_worker(stack)
+    rows = tasks(stack)
+    assert len(rows) == 1 and rows[0]["status"] == "done" and rows[0]["attempt"] == 1
+    assert run.output.count("Successfully processed message:") == 1
+    # the duplicates were left to SQS (returning later) or recognised as done and deleted
+    visible, in_flight = queue_counts(stack, q["queue"])
+    assert visible + in_flight <= 2
+
+
+def test_poison_messages_go_to_dlq_with_reason(stack):
+    q = setup_job(stack)
+    bodies = ["not json", "[1,2]", json.dumps({"w_id": "W1"}), json.dumps({"w_id": "W1", "i_id": "I1", "x": 1}),
+              json.dumps({"w_id": "../etc", "i_id": "I1"}), json.dumps({"w_id": "W1", "i_id": "I1'; DROP TABLE jobs;--"}),
+              "x" * 5000]
+    send(stack, q["queue"], bodies)
+    run = run_worker(stack)
+    assert run.output.count("Poison message") == len(bodies)
+    got = []
+    while batch := stack.sqs.receive_message(QueueUrl=q["dlq"], MaxNumberOfMessages=10,
+                                             MessageAttributeNames=["All"]).get("Messages", []):
+        for m in batch:
+            got.append((m["Body"], m["MessageAttributes"]["bec_reason"]["StringValue"]))
+            stack.sqs.delete_message(QueueUrl=q["dlq"], ReceiptHandle=m["ReceiptHandle"])
+    reasons = dict(got)
+    assert sorted(reasons) == sorted(bodies)
+    assert reasons["not json"] == "message body is not JSON"
+    assert "lacks i_id" in reasons[json.dumps({"w_id": "W1"})]
+    assert "unexpected keys: x" in reasons[json.dumps({"w_id": "W1", "i_id": "I1", "x": 1})]
+    assert "invalid work id" in reasons[json.dumps({"w_id": "../etc", "i_id": "I1"})]
+    assert "too large" in reasons["x" * 5000]
+    assert tasks(stack) == [] and queue_counts(stack, q["queue"]) == (0, 0)
+    assert stack.db.row("SELECT count(*) AS n FROM jobs")["n"] == 1
+
+
+def test_missing_manifest_is_terminal_and_goes_to_dlq(stack):
+    q = setup_job(stack)
+    enqueue(stack, q["queue"], [("W404", "I404")])
+    run_worker(stack)
+    rows = tasks(stack)
+    assert [(r["status"], r["s3_etag"]) for r in rows] == [("terminal_failed", "")]
+    assert "manifest missing" in rows[0]["error_reason"]
+    msgs = stack.sqs.receive_message(QueueUrl=q["dlq"], MessageAttributeNames=["All"])["Messages"]
+    assert "manifest missing" in msgs[0]["MessageAttributes"]["bec_reason"]["StringValue"]
+
+
+def test_invalid_manifest_is_terminal(stack):
+    q = setup_job(stack)
+    put_manifest(stack.s3, SOURCE_BUCKET, "W1", "I1", [], raw=b"\x1f\x8bnot really gzip")
+    put_manifest(stack.s3, SOURCE_BUCKET, "W1", "I2", [])
+    enqueue(stack, q["queue"], [("W1", "I1"), ("W1", "I2")])
+    run_worker(stack)
+    reasons = sorted(r["error_reason"] for r in tasks(stack))
+    assert [r["status"] for r in tasks(stack)] == ["terminal_failed"] * 2
+    assert "gzip data is corrupt" in reasons[0] and "lists no images" in reasons[1]
+
+
+def test_bad_pages_become_error_rows(stack):
+    q = setup_job(stack, {"max_error_ratio": 0.9, "max_image_pixels": 50_000_000})
+    (w, i), = add_volumes(stack, 1, pages=2)
+    prefix = volume_prefix(w, i)
+    entries = manifest(stack, w, i)
+    good = stack.s3.get_object(Bucket=SOURCE_BUCKET, Key=prefix + entries[0]["filename"])["Body"].read()
+    from PIL import Image
+    import io
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(bomb, "TIFF", compression="group4")
+    bad = {"empty.jpg": b"", "truncated.jpg": good[: len(good) // 3], "text.jpg": b"hello, not an image",
+           "bomb.tif": bomb.getvalue()}
+    for name, data in bad.items():
+        stack.s3.put_object(Bucket=SOURCE_BUCKET, Key=prefix + name, Body=data)
+    entries += [{"filename": n, "width": 10, "height": 10} for n in bad]
+    entries += [{"filename": "missing.jpg", "width": 10, "height": 10}, {"filename": "../escape.jpg"}]
+    put_manifest(stack.s3, SOURCE_BUCKET, w, i, entries)
+    enqueue(stack, q["queue"], [(w, i)])
+    run_worker(stack)
+    row, = tasks(stack)
+    _, pages = assert_volume_done(stack, w, i, 8)
+    verdicts = {p["img_file_name"]: (p["ok"], p["error_stage"], p["error_type"]) for p in pages}
+    assert row["status"] == "done" and row["total_images"] == 8 and row["nb_errors"] == 6, verdicts
+    assert verdicts["empty.jpg"] == (False, "decode", "empty_file")
+    assert verdicts["truncated.jpg"] == (False, "decode", "corrupt_image")
+    assert verdicts["text.jpg"] == (False, "decode", "unsupported_format")
+    assert verdicts["bomb.tif"] == (False, "decode", "too_large")
+    assert verdicts["missing.jpg"] == (False, "fetch", "missing_object")
+    assert verdicts["../escape.jpg"] == (False, "manifest", "invalid_entry")
+    assert all(p["error_message"] for p in pages if not p["ok"])
+    assert sum(p["ok"] for p in pages) == 2
+
+
+def test_too_many_errors_is_retryable(stack):
+    q = setup_job(stack, {"max_error_ratio": 0.2})
+    put_manifest(stack.s3, SOURCE_BUCKET, "W9", "I9", [{"filename": f"p{n}.jpg"} for n in range(3)])
+    enqueue(stack, q["queue"], [("W9", "I9")])
+    run = start_worker(stack, "--shutdown-after-empty", "0")
+    run.wait_for("will be retried", timeout=60)
+    run.signal(signal.SIGTERM)
+    assert run.wait(60) == 0
+    row = tasks(stack)[0]
+    assert row["status"] == "retryable_failed" and "3 of 3 pages failed" in row["error_reason"]
+    assert "3× missing_object" in row["error_reason"]
+    # the message is visible again (retry delay 0), not deleted and not in the DLQ yet
+    visible, in_flight = queue_counts(stack, q["queue"])
+    assert visible + in_flight == 1
+    assert queue_counts(stack, q["dlq"]) == (0, 0)
+    assert not stack.s3.list_objects_v2(Bucket="bec-test-artifacts").get("Contents")
