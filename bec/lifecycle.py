@@ -54,6 +54,7 @@ class Services:
     config: dict[str, Any]
     model: dict[str, str]
     retry_delay: int = 30
+    stale_after_s: float = tasks.STALE_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def admit(svc: Services, message: Received) -> Admission:
             adm.verdict = Verdict.ALREADY_DONE
             return adm
         claim = tasks.claim(svc.db, svc.job_id, adm.volume_id, version, svc.worker_id,  # 4
-                            len(manifest.entries))
+                            len(manifest.entries), svc.stale_after_s)
         if claim is None:
             adm.verdict, adm.reason = Verdict.NOT_CLAIMABLE, "task is done or running elsewhere"
             return adm

@@ -178,3 +178,19 @@ def queue_counts(stack: Stack, url: str) -> tuple[int, int]:
     attrs = stack.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
         "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
     return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def add_repeated_volume(stack: Stack, w: str, i: str, pages: int, seed: int = 7) -> None:
+    """A long volume made fast: one generated page uploaded ``pages`` times."""
+    import numpy as np
+
+    from bec.archive import volume_prefix
+    from bec.devstack.volumes import put_manifest, render
+
+    data, page = render("jpeg_gray", np.random.default_rng(seed))
+    h, wd = page.image.shape
+    prefix = volume_prefix(w, i)
+    names = [f"p{n:05d}.jpg" for n in range(pages)]
+    for name in names:
+        stack.s3.put_object(Bucket=SOURCE_BUCKET, Key=prefix + name, Body=data)
+    put_manifest(stack.s3, SOURCE_BUCKET, w, i, [{"filename": n, "width": wd, "height": h} for n in names])

@@ -78,6 +78,9 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
               help="Volumes received and claimed ahead [default: 3].")
 @click.option("--retry-delay", type=click.IntRange(0, 900), default=None,
               help="Seconds before a retryable volume is visible again, doubling per receive [default: 30].")
+@click.option("--stale-after", type=click.FloatRange(1), default=None,
+              help="Seconds without heartbeat after which another worker's running task may be "
+                   "taken over [default: 60; env BEC_STALE_AFTER].")
 @click.option("--worker-name", default=None, help="Name shown in `bec workers list` [default: host name].")
 @click.option("--log-json", is_flag=True, default=None, help="Log JSON lines (for CloudWatch).")
 @pass_app
@@ -145,6 +148,7 @@ def command(app: AppContext, job_name: str, **opts: Any) -> None:
         shutdown_after_empty=_setting(app, opts["shutdown_after_empty"], "BEC_SHUTDOWN_AFTER_EMPTY", 6, int),
         max_volumes_in_flight=_setting(app, opts["max_volumes_in_flight"], "BEC_MAX_VOLUMES_IN_FLIGHT", 3, int),
         retry_delay=_setting(app, opts["retry_delay"], "BEC_RETRY_DELAY", 30, int),
+        stale_after_s=_setting(app, opts["stale_after"], "BEC_STALE_AFTER", 60.0, float),
         log_json=log_json, extra={"worker_name": worker_name})
     pipeline.roles = (["controller"] + [f"infer-{i}" for i in range(pipeline.n_infer)]
                       + [f"post-{i}" for i in range(pipeline.n_post)]

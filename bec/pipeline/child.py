@@ -57,6 +57,7 @@ class PipelineSpec:
     shutdown_after_empty: int = 6
     max_volumes_in_flight: int = 3
     retry_delay: int = 30
+    stale_after_s: float = 60.0          # a silent worker's running tasks may be taken over
     log_json: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -83,7 +83,8 @@ class Controller:
             db=self.db, s3=aws.client("s3", p.region), sqs=self.sqs, job_name=p.job_name,
             job_id=p.job_id, worker_id=p.worker_id, worker_name=p.extra.get("worker_name", ""),
             source_bucket=p.source_bucket, dest_bucket=p.dest_bucket, queue_url=p.queue_url,
-            dlq_url=p.dlq_url, config=p.config, model=p.model_identity, retry_delay=p.retry_delay)
+            dlq_url=p.dlq_url, config=p.config, model=p.model_identity, retry_delay=p.retry_delay,
+            stale_after_s=p.stale_after_s)
         self.events: queue.Queue = queue.Queue()
         self.volumes: dict[int, VolumeRun] = {}
         self.admitting: set[tuple[str, str]] = set()

@@ -1,0 +1,154 @@
+"""The worker under faults: killed children, killed supervisor, signals, competing workers."""
+from __future__ import annotations
+
+import collections
+import signal
+import time
+
+import psutil
+import pytest
+
+from workerkit import (add_repeated_volume, add_volumes, enqueue, queue_counts, read_parquet, run_worker, setup_job,
+                       shm_entries, start_worker, tasks)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def no_shm_leak():
+    before = shm_entries()
+    yield
+    time.sleep(0.5)
+    leaked = {e for e in shm_entries() - before if not e.startswith("PostgreSQL")}
+    assert not leaked, f"/dev/shm entries left behind: {leaked}"
+
+
+def assert_all_done_once(stack, vols, pages):
+    rows = tasks(stack)
+    by_volume = collections.Counter((r["w_id"], r["i_id"]) for r in rows)
+    assert set(by_volume) == set(vols) and set(by_volume.values()) == {1}, rows
+    for row in rows:
+        assert row["status"] == "done", row
+        assert row["total_images"] == pages and row["nb_errors"] == 0
+        parquet = read_parquet(stack, row["w_id"], row["i_id"], row["s3_etag"])
+        assert len(parquet) == pages and all(p["ok"] for p in parquet)
+    return rows
+
+
+@pytest.mark.parametrize("role", ["fetch-0", "infer-0", "post-0", "controller"])
+def test_kill_9_of_a_child_mid_volume(stack, role):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 3, pages=16)
+    enqueue(stack, q["queue"], vols)
+    run = start_worker(stack)
+    kids = run.wait_children(["controller", "fetch-0", "infer-0", "post-0"])
+    run.wait_for("Processing message", timeout=60)
+    victim = kids[role]
+    victim.kill()
+    died_at = time.monotonic()
+    run.wait_for(f"{role} (pid {victim.pid}) died", timeout=10)
+    assert time.monotonic() - died_at < 5.0
+    assert run.wait(180) == 0, run.output
+    rows = assert_all_done_once(stack, vols, 16)
+    if role == "controller":
+        assert max(r["attempt"] for r in rows) <= 2  # in-flight volumes were released and re-claimed
+    else:
+        assert all(r["attempt"] == 1 for r in rows)  # pages redone inside the same claim
+    assert not [k for k in kids.values() if k.is_running()]  # no process outlives the worker
+    assert queue_counts(stack, q["queue"]) == (0, 0)
+
+
+def test_kill_9_of_the_supervisor_leaves_no_orphans_and_work_is_taken_over(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 3, pages=12)
+    enqueue(stack, q["queue"], vols)
+    run = start_worker(stack, "--visibility-timeout", "4")
+    kids = run.wait_children(["controller", "fetch-0", "infer-0", "post-0"])
+    run.wait_for("Processing message", timeout=60)
+    run.process.kill()
+    run.process.wait(10)
+    gone, alive = psutil.wait_procs(list(kids.values()), timeout=5)
+    assert not alive, f"orphans: {alive}"
+    # a second worker takes the volumes over once the first one's heartbeat is stale
+    second = run_worker(stack, "--stale-after", "6", "--shutdown-after-empty", "8")
+    rows = assert_all_done_once(stack, vols, 12)
+    assert {r["worker_id"] for r in rows} <= {1, 2}
+    assert "Processing message" in second.output
+
+
+def test_sigterm_drains_and_exits_0(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 4, pages=10)
+    enqueue(stack, q["queue"], vols)
+    run = start_worker(stack, "--max-volumes-in-flight", "1", "--grace", "60", "--shutdown-after-empty", "0")
+    run.wait_for("Processing message", timeout=60)
+    run.signal(signal.SIGTERM)
+    assert run.wait(90) == 0, run.output
+    assert "Draining" in run.output and "Worker completed successfully (drained)" in run.output
+    first = tasks(stack)
+    assert first and all(r["status"] == "done" for r in first)  # in flight → finished, not dropped
+    worker = stack.db.row("SELECT stopped_at FROM workers WHERE worker_id = 1")
+    assert worker["stopped_at"] is not None
+    run_worker(stack)
+    assert_all_done_once(stack, vols, 10)
+
+
+def test_sigterm_with_no_grace_releases_in_flight_volumes(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 2, pages=30)
+    enqueue(stack, q["queue"], vols)
+    run = start_worker(stack, "--grace", "0", "--shutdown-after-empty", "0")
+    run.wait_for("Processing message", timeout=60)
+    run.signal(signal.SIGTERM)
+    assert run.wait(60) == 0, run.output
+    assert "Released volume" in run.output
+    released = [r for r in tasks(stack) if r["status"] == "retryable_failed"]
+    assert released and all("released" in r["error_reason"] for r in released)
+    visible, in_flight = queue_counts(stack, q["queue"])
+    assert visible >= len(released) and in_flight == 0  # visible again at once
+    run_worker(stack)
+    rows = assert_all_done_once(stack, vols, 30)
+    assert any(r["attempt"] == 2 for r in rows)
+
+
+def test_second_signal_releases_at_once(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 2, pages=30)
+    enqueue(stack, q["queue"], vols)
+    run = start_worker(stack, "--grace", "300", "--shutdown-after-empty", "0")
+    run.wait_for("Processing message", timeout=60)
+    run.signal(signal.SIGTERM)
+    run.wait_for("Draining", timeout=10)
+    run.signal(signal.SIGINT)
+    started = time.monotonic()
+    assert run.wait(60) == 0, run.output
+    assert time.monotonic() - started < 30
+    assert "Second signal" in run.output
+
+
+def test_two_workers_on_one_queue_process_each_volume_once(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 6, pages=4)
+    enqueue(stack, q["queue"], vols + vols[:3])  # with some duplicates for good measure
+    first = start_worker(stack, "--shutdown-after-empty", "3")
+    second = start_worker(stack, "--shutdown-after-empty", "3")
+    assert first.wait(180) == 0 and second.wait(180) == 0
+    assert_all_done_once(stack, vols, 4)
+    processed = first.output.count("Successfully processed") + second.output.count("Successfully processed")
+    assert processed == 6
+    assert all(r["attempt"] == 1 for r in tasks(stack))
+
+
+def test_visibility_is_extended_for_long_volumes(stack):
+    """A volume taking several visibility timeouts is never handed to the other live worker."""
+    q = setup_job(stack)
+    vols = [("W1", "I1")]
+    add_repeated_volume(stack, "W1", "I1", 240)
+    enqueue(stack, q["queue"], vols)
+    first = start_worker(stack, "--visibility-timeout", "2", "--shutdown-after-empty", "4")
+    first.wait_for("Processing message", timeout=60)
+    second = start_worker(stack, "--visibility-timeout", "2", "--shutdown-after-empty", "4")
+    assert first.wait(180) == 0 and second.wait(180) == 0
+    rows = assert_all_done_once(stack, vols, 240)
+    assert rows[0]["attempt"] == 1 and rows[0]["total_duration_ms"] > 4000
+    assert "Processing message" not in second.output
