@@ -1,0 +1,120 @@
+"""``bec demo``: the whole system on the local stack, with pictures of what it found.
+
+Brings the local stack up, generates BDRC-layout volumes of pecha-like pages (JPEG and
+Group 4 TIFF) into the archive bucket, creates job ``ldv1`` with the shipped model,
+enqueues the volumes, runs ``bec worker --procs 2`` to completion, prints the job's
+statistics and writes ``demo-out/``: every page with its detected lines drawn over it and
+an ``index.html`` gallery per volume. Each step runs the real ``bec`` command.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bec import artifacts
+from bec.cli.context import out
+from bec.db import Database
+from bec.devstack import stack
+from bec.devstack.volumes import make_volume
+
+VOLUMES = [("W22084", "I0886"), ("W22084", "I0887"), ("W1KG13780", "I1KG15541"),
+           ("W22084", "I0888"), ("W22084", "I0889"), ("W22084", "I0890")]
+JOB = "ldv1"
+
+
+def _bec(*args: str, log: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).with_name("bec"))
+    if log is not None:
+        with log.open("w") as fh:
+            return subprocess.run([exe, *args], stdout=fh, stderr=subprocess.STDOUT, check=check)
+    return subprocess.run([exe, *args], check=check)
+
+
+@click.command("demo")
+@click.option("--volumes", "n_volumes", type=click.IntRange(1, len(VOLUMES)), default=3, show_default=True)
+@click.option("--pages", type=click.IntRange(1, 200), default=4, show_default=True, help="Pages per volume.")
+@click.option("--procs", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@click.option("--model-path", default=None, help="Checkpoint to use [default: the shipped small model].")
+def command(n_volumes: int, pages: int, procs: int, out_dir: str, model_path: str | None) -> None:
+    """Run the whole system on a local stack and draw the detected lines."""
+    from bec.gallery import index_html, render_volume
+
+    out.rule("BEC demo")
+    out.print("1. Local stack (moto S3/SQS + PostgreSQL)")
+    state = stack.up()
+    stack.apply_env(state)
+    if model_path:
+        os.environ["BEC_LD_MODEL_PATH"] = model_path
+    for name, text in stack.status(state).items():
+        out.print(f"   {name}: {text}")
+    s3 = boto3.client("s3", region_name=stack.REGION, endpoint_url=state.moto_url)
+    volumes = VOLUMES[:n_volumes]
+
+    out.print(f"2. Generating {len(volumes)} volumes × {pages} pages (JPEG RGB/gray, Group 4 TIFF) "
+              f"into s3://{stack.SOURCE_BUCKET}")
+    for n, (w, i) in enumerate(volumes):
+        make_volume(s3, stack.SOURCE_BUCKET, w, i, pages, seed=4242 + n)
+
+    out.print(f"3. Job '{JOB}' (a fresh one: the demo owns the local stack's database)")
+    with Database(state.db_params(), max_size=1) as db:
+        if db.row("SELECT 1 FROM jobs WHERE name = %s", (JOB,)):
+            _bec("jobs", "delete", JOB, "--yes")
+    for w, i in volumes:  # earlier demo artifacts would make the worker skip the volumes
+        listing = s3.list_objects_v2(Bucket=stack.DEST_BUCKET, Prefix=f"{JOB}/{w}/{i}/").get("Contents", [])
+        for obj in listing:
+            s3.delete_object(Bucket=stack.DEST_BUCKET, Key=obj["Key"])
+    _bec("jobs", "create", "--name", JOB, "--config-text",
+         '{"use_gpu": false, "precision": "fp32", "batch_size": 8, "max_tiles_per_batch": 16}')
+    _bec("queue", "purge", "--job-name", JOB, "--yes")
+
+    out.print("4. Enqueue")
+    _bec("queue", "enqueue", "--job-name", JOB, *[a for w, i in volumes for a in ("--volume", f"{w},{i}")])
+
+    target = Path(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    log_path = target / "worker.log"
+    out.print(f"5. bec worker --job-name {JOB} --procs {procs}   (log: {log_path})")
+    exe = str(Path(sys.executable).with_name("bec"))
+    with log_path.open("w") as log_fh:
+        worker = subprocess.Popen([exe, "worker", "--job-name", JOB, "--procs", str(procs), "--poll-wait", "1",
+                                   "--shutdown-after-empty", "2"], stdout=log_fh, stderr=subprocess.STDOUT)
+        columns = (TextColumn("   volumes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=out) as bar, Database(state.db_params(), max_size=1) as db:
+            task = bar.add_task("volumes", total=len(volumes))
+            while worker.poll() is None:
+                done = db.row("SELECT count(*) AS n FROM task_executions t JOIN jobs j ON j.id = t.job_id "
+                              "WHERE j.name = %s AND t.status = 'done'", (JOB,))["n"]
+                bar.update(task, completed=done)
+                time.sleep(0.5)
+            bar.update(task, completed=len(volumes))
+    if worker.returncode != 0:
+        raise click.ClickException(f"the worker failed (exit {worker.returncode}); see {log_path}")
+
+    out.print("6. bec jobs stats")
+    stats = subprocess.run([exe, "jobs", "stats", JOB], capture_output=True, text=True)
+    out.print(stats.stdout, markup=False)
+
+    out.print(f"7. Drawing the detected lines into {target}/")
+    pictures = []
+    with Database(state.db_params(), max_size=1) as db:
+        for w, i in volumes:
+            row = db.row("SELECT last_s3_etag FROM volumes WHERE bdrc_w_id = %s AND bdrc_i_id = %s", (w, i))
+            key = artifacts.success_key(JOB, w, i, row["last_s3_etag"]) if row else None
+            if key is None:
+                continue
+            pictures.append(render_volume(s3, stack.SOURCE_BUCKET, stack.DEST_BUCKET, JOB, w, i,
+                                          row["last_s3_etag"], target))
+    (target / "index.html").write_text(index_html(pictures, stats.stdout))
+    for v in pictures:
+        lines = sum(p["nb_contours"] for p in v.pages)
+        out.print(f"   {v.w_id}/{v.i_id}: {len(v.pages)} pages, {lines} lines → {v.folder}/index.html")
+    out.print(f"Open {target.resolve()}/index.html. The stack is still up: "
+              f'eval "$(bec dev env)" and try any command of the guide.')

@@ -1,0 +1,121 @@
+"""Pictures of what the worker found: each page with its detected lines drawn over it.
+
+Reads a volume's Parquet from the artifacts bucket and the page images from the
+archive bucket, draws every line contour (and its box) in colour, and writes PNGs plus
+an ``index.html`` per volume — what ``bec demo`` leaves in ``demo-out/``.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from bec import artifacts
+from bec.archive import volume_prefix
+
+MAX_WIDTH = 1400
+COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 128, 128), (170, 110, 40)]
+
+
+@dataclass
+class VolumePictures:
+    w_id: str
+    i_id: str
+    version: str
+    pages: list[dict[str, Any]]
+    marker: dict[str, Any]
+    folder: Path
+
+
+def draw_page(image: np.ndarray, contours: list[list[dict[str, int]]],
+              boxes: list[dict[str, int]]) -> np.ndarray:
+    """RGB image with each line's contour (filled translucent) and box drawn over it."""
+    canvas = image.copy()
+    overlay = image.copy()
+    thick = max(2, image.shape[1] // 600)
+    for n, contour in enumerate(contours):
+        pts = np.array([[p["x"], p["y"]] for p in contour], dtype=np.int32).reshape(-1, 1, 2)
+        colour = COLOURS[n % len(COLOURS)]
+        cv2.fillPoly(overlay, [pts], colour)
+        cv2.polylines(canvas, [pts], True, colour, thick)
+    canvas = cv2.addWeighted(overlay, 0.25, canvas, 0.75, 0)
+    for n, box in enumerate(boxes):
+        colour = COLOURS[n % len(COLOURS)]
+        cv2.rectangle(canvas, (box["x"], box["y"]), (box["x"] + box["w"], box["y"] + box["h"]),
+                      colour, max(1, thick // 2))
+        cv2.putText(canvas, str(n + 1), (box["x"] + 4, box["y"] + 4 + 12 * thick), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.5 * thick, colour, thick)
+    return canvas
+
+
+def render_volume(s3: Any, source_bucket: str, dest_bucket: str, job: str, w_id: str, i_id: str,
+                  version: str, out_dir: Path) -> VolumePictures:
+    body = s3.get_object(Bucket=dest_bucket, Key=artifacts.parquet_key(job, w_id, i_id, version))["Body"].read()
+    pages = pq.read_table(io.BytesIO(body)).to_pylist()
+    marker = json.loads(s3.get_object(Bucket=dest_bucket,
+                                      Key=artifacts.success_key(job, w_id, i_id, version))["Body"].read())
+    folder = out_dir / f"{w_id}-{i_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = volume_prefix(w_id, i_id)
+    for page in pages:
+        if not page["ok"]:
+            continue
+        data = s3.get_object(Bucket=source_bucket, Key=prefix + page["img_file_name"])["Body"].read()
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        drawn = draw_page(image, page["contours"], page["bboxes"])
+        if drawn.shape[1] > MAX_WIDTH:
+            scale = MAX_WIDTH / drawn.shape[1]
+            drawn = cv2.resize(drawn, (MAX_WIDTH, int(drawn.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        Image.fromarray(drawn).save(folder / (Path(page["img_file_name"]).stem + ".png"), optimize=True)
+    pictures = VolumePictures(w_id, i_id, version, pages, marker, folder)
+    (folder / "index.html").write_text(volume_html(pictures))
+    return pictures
+
+
+def _stage_ms(page: dict[str, Any]) -> str:
+    return " · ".join(f"{k} {page[k + '_ms']:.0f} ms" for k in ("fetch", "decode", "infer", "post"))
+
+
+def volume_html(v: VolumePictures) -> str:
+    rows = []
+    for page in v.pages:
+        name = html.escape(page["img_file_name"])
+        if page["ok"]:
+            png = html.escape(Path(page["img_file_name"]).stem + ".png")
+            rows.append(f'<figure><a href="{png}"><img src="{png}" loading="lazy"></a><figcaption>'
+                        f"<b>{name}</b> — {page['nb_contours']} lines, skew {page['skew_angle']:.1f}°, "
+                        f"rotated {page['rotation_angle']:.1f}° · {page['width']}×{page['height']} px"
+                        f"<br><small>{_stage_ms(page)}</small></figcaption></figure>")
+        else:
+            rows.append(f"<figure class=err><b>{name}</b> failed at {html.escape(page['error_stage'] or '')}: "
+                        f"{html.escape(page['error_type'] or '')} — {html.escape(page['error_message'] or '')}</figure>")
+    m = v.marker
+    return f"""<!doctype html><meta charset=utf-8><title>{v.w_id}/{v.i_id}</title>
+<style>body{{font-family:sans-serif;margin:2em;background:#fafafa}} img{{max-width:100%;border:1px solid #ccc}}
+figure{{margin:0 0 2em}} .err{{color:#a00}}</style>
+<h1>{v.w_id} / {v.i_id} <small>version {v.version}</small></h1>
+<p>{m.get('total_images')} pages, {m.get('nb_errors')} errors, {m.get('total_duration_ms', 0) / 1000:.1f} s
+({m.get('avg_duration_per_page_ms', 0):.0f} ms/page) · model {html.escape(str(m.get('model', {}).get('name')))}
+· worker {html.escape(str(m.get('worker', {}).get('name')))}</p>
+{''.join(rows)}
+"""
+
+
+def index_html(volumes: list[VolumePictures], stats_text: str) -> str:
+    items = "".join(
+        f'<li><a href="{v.folder.name}/index.html">{v.w_id} / {v.i_id}</a> — {len(v.pages)} pages, '
+        f"{sum(p['nb_contours'] for p in v.pages)} lines, {v.marker.get('nb_errors')} errors</li>"
+        for v in volumes)
+    return f"""<!doctype html><meta charset=utf-8><title>BEC demo</title>
+<style>body{{font-family:sans-serif;margin:2em}}</style>
+<h1>BEC demo: line detection</h1><ul>{items}</ul><pre>{html.escape(stats_text)}</pre>
+"""
