@@ -1,0 +1,65 @@
+"""Job ldv1 through `bec worker`: real models, the production checkpoint format, config checks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bec.ldv1.deeplab import DeepLabV3Plus
+from workerkit import add_volumes, enqueue, read_parquet, run_worker, setup_job, start_worker, tasks
+
+pytestmark = pytest.mark.slow
+
+
+def test_production_format_checkpoint_runs_through_the_worker(stack, tmp_path):
+    """DeepLabV3+ saved as production does ({"state_dict"}, `module.` prefixes) loads and runs."""
+    torch.manual_seed(0)
+    path = tmp_path / "ldv1-production.pth"
+    model = DeepLabV3Plus().eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    q = setup_job(stack, {"max_tiles_per_batch": 4})
+    vols = add_volumes(stack, 1, pages=2, kinds=("jpeg_gray",), size=(1200, 400))
+    enqueue(stack, q["queue"], vols)
+    run = run_worker(stack, model=str(path), timeout=300)
+    assert "Model: ldv1-production.pth" in run.output
+    row, = tasks(stack)
+    assert row["status"] == "done" and row["nb_errors"] == 0
+    pages = read_parquet(stack, *vols[0], row["s3_etag"])
+    assert len(pages) == 2 and all(p["ok"] for p in pages)
+    marker = json.loads(stack.s3.get_object(
+        Bucket="bec-test-artifacts",
+        Key=f"ldv1/{vols[0][0]}/{vols[0][1]}/{row['s3_etag']}/success.json")["Body"].read())
+    import hashlib
+    assert marker["model"] == {"name": "ldv1-production.pth", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def test_missing_model_is_a_clear_error(stack, tmp_path):
+    setup_job(stack)
+    run = start_worker(stack, model=str(tmp_path / "nope.pth"))
+    assert run.wait(60) == 1
+    assert "Error: model file not found:" in run.output and "Traceback" not in run.output
+    assert stack.db.row("SELECT count(*) AS n FROM workers")["n"] == 0
+
+
+def test_corrupt_model_stops_the_worker_with_the_reason(stack, tmp_path):
+    setup_job(stack)
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"\x80\x04 definitely not a checkpoint" * 100)
+    run = start_worker(stack, model=str(bad))
+    assert run.wait(120) == 1
+    assert "infer-0:" in run.output and "corrupt.pth" in run.output
+    worker = stack.db.row("SELECT stopped_at FROM workers")
+    assert worker["stopped_at"] is not None
+
+
+def test_invalid_job_config_is_rejected_at_worker_start(stack):
+    setup_job(stack)
+    stack.db.execute("UPDATE jobs SET config = '{\"batch_sise\": 4}'::jsonb")
+    run = start_worker(stack)
+    assert run.wait(60) == 1
+    assert "unknown ldv1 config key 'batch_sise'" in run.output
+    stack.db.execute("UPDATE jobs SET config = '{\"precision\": 16}'::jsonb")
+    run = start_worker(stack)
+    assert run.wait(60) == 1
+    assert "'precision' must be a string" in run.output
