@@ -7,6 +7,7 @@ shown.
 from __future__ import annotations
 
 import contextlib
+import time
 from importlib import resources
 from typing import Any, Iterator, Sequence
 
@@ -66,13 +67,17 @@ class Database:
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = 30.0) -> Iterator[psycopg.Connection]:
+        asked = time.perf_counter()
         try:
             with self.pool.connection(timeout=timeout) as conn:
+                _observe_wait(time.perf_counter() - asked)
                 yield conn
         except PoolTimeout:
+            _count_error()
             raise Unavailable(f"no PostgreSQL connection available from "
                               f"{self.params.describe()} within {timeout}s") from None
         except psycopg.OperationalError as exc:
+            _count_error()
             raise Unavailable(f"PostgreSQL at {self.params.describe()}: "
                               f"{_first_line(str(exc))}") from exc
 
@@ -107,6 +112,18 @@ class Database:
         found = self.row("SELECT to_regclass('task_executions') IS NOT NULL AS present")
         if not (found and found["present"]):
             self.apply_schema()
+
+
+def _observe_wait(seconds: float) -> None:
+    from bec import metrics
+
+    metrics.DB_POOL_WAIT.observe(seconds)
+
+
+def _count_error() -> None:
+    from bec import metrics  # lazily: the worker chooses the metrics storage first
+
+    metrics.DB_ERRORS.inc()
 
 
 def _first_line(text: str) -> str:

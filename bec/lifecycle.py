@@ -24,7 +24,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from bec import artifacts, aws, tasks
+from bec import artifacts, aws, metrics, tasks
 from bec.archive import Manifest, read_manifest
 from bec.db import Database
 from bec.errors import BecError, PoisonMessage, RetryableError, TerminalError, Unavailable
@@ -128,7 +128,7 @@ def admit(svc: Services, message: Received) -> Admission:
         adm.w_id, adm.i_id = parse_body(message.body)                                    # 1
     except PoisonMessage as exc:
         adm.verdict, adm.reason = Verdict.POISON, str(exc)
-        send_to_dlq(svc, message, adm.reason)
+        send_to_dlq(svc, message, adm.reason, "poison")
         return adm
     try:
         try:
@@ -137,7 +137,7 @@ def admit(svc: Services, message: Received) -> Admission:
             adm.volume_id = tasks.ensure_volume(svc.db, adm.w_id, adm.i_id, None, None)
             tasks.record_terminal(svc.db, svc.job_id, adm.volume_id, "", svc.worker_id, str(exc))
             adm.verdict, adm.reason = Verdict.TERMINAL, str(exc)
-            send_to_dlq(svc, message, adm.reason)
+            send_to_dlq(svc, message, adm.reason, "terminal")
             return adm
         adm.manifest = manifest
         version = manifest.version
@@ -213,13 +213,16 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
         "job_config": svc.config, "model": svc.model,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    write_started = time.perf_counter()
     try:                                                                                 # 6
+        table = artifacts.parquet_bytes(pages, {"bec.model.sha256": svc.model.get("sha256", "")})
         svc.s3.put_object(Bucket=svc.dest_bucket,
-                          Key=artifacts.parquet_key(svc.job_name, adm.w_id, adm.i_id, version),
-                          Body=artifacts.parquet_bytes(pages, {"bec.model.sha256": svc.model.get("sha256", "")}))
+                          Key=artifacts.parquet_key(svc.job_name, adm.w_id, adm.i_id, version), Body=table)
+        success = artifacts.success_bytes(marker)
         svc.s3.put_object(Bucket=svc.dest_bucket,
                           Key=artifacts.success_key(svc.job_name, adm.w_id, adm.i_id, version),
-                          Body=artifacts.success_bytes(marker), ContentType="application/json")
+                          Body=success, ContentType="application/json")
+        metrics.S3_WRITTEN.inc(len(table) + len(success))
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
         retry_later(svc, adm, f"writing artifacts: {aws.error_code(exc)}: {exc}"[:500],
                     nb_errors=errors, duration_ms=duration_ms)
@@ -231,6 +234,7 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
         retry_later(svc, adm, f"recording done: {exc}", record=False)
         return Verdict.RETRY
     delete_message(svc, adm.message)
+    metrics.STAGE_SECONDS.labels("write").observe(time.perf_counter() - write_started)
     return Verdict.ADMITTED
 
 
@@ -261,7 +265,7 @@ def release(svc: Services, adm: Admission, reason: str) -> None:
     set_visibility(svc, adm.message, 0)
 
 
-def send_to_dlq(svc: Services, message: Received, reason: str) -> None:
+def send_to_dlq(svc: Services, message: Received, reason: str, kind: str) -> None:
     """Straight to the DLQ with the reason (as a message attribute), then off the queue."""
     try:
         svc.sqs.send_message(QueueUrl=svc.dlq_url, MessageBody=message.body or "(empty)",
@@ -274,12 +278,14 @@ def send_to_dlq(svc: Services, message: Received, reason: str) -> None:
         log.warning("could not send message %s to the DLQ (%s); SQS's redrive will",
                     message.message_id, aws.error_code(exc))
         return
+    metrics.SQS_DLQ.labels(kind).inc()
     delete_message(svc, message)
 
 
 def delete_message(svc: Services, message: Received) -> None:
     try:
         svc.sqs.delete_message(QueueUrl=svc.queue_url, ReceiptHandle=message.receipt)
+        metrics.SQS_DELETES.inc()
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
         log.warning("could not delete message %s (%s); it will be seen again and skipped",
                     message.message_id, aws.error_code(exc))

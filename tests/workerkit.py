@@ -134,7 +134,10 @@ class WorkerRun:
 def start_worker(stack: Stack, *args: str, model: str = "null", procs: int = 1,
                  env: dict[str, str] | None = None) -> WorkerRun:
     cmd = [BEC, "worker", "--job-name", JOB, "--model-path", model, "--poll-wait", "1",
-           "--shutdown-after-empty", "2", "--procs", str(procs), "--retry-delay", "0", *args]
+           "--shutdown-after-empty", "2", "--procs", str(procs), "--retry-delay", "0"]
+    if "--metrics-port" not in args:
+        cmd += ["--metrics-port", "0"]  # tests run workers side by side
+    cmd += list(args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **stack.env, "PYTHONUNBUFFERED": "1", **(env or {})},
                             cwd=stack.workdir)

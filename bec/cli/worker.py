@@ -83,9 +83,23 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
                    "taken over [default: 60; env BEC_STALE_AFTER].")
 @click.option("--worker-name", default=None, help="Name shown in `bec workers list` [default: host name].")
 @click.option("--log-json", is_flag=True, default=None, help="Log JSON lines (for CloudWatch).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Prometheus endpoint port, 0 = none [default: 9108; env BEC_METRICS_PORT].")
+@click.option("--metrics-addr", default=None,
+              help="Address the metrics endpoint listens on [default: 0.0.0.0; env BEC_METRICS_ADDR].")
 @pass_app
 def command(app: AppContext, job_name: str, **opts: Any) -> None:
     """Run a worker for a job: poll its queue, process volumes, write artifacts."""
+    from bec import telemetry
+
+    folder = telemetry.enable()  # before anything creates a metric
+    try:
+        _run_worker(app, job_name, opts)
+    finally:
+        telemetry.cleanup(folder)
+
+
+def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     from bec.ldv1.config import Ldv1Config
     from bec.logs import setup_logging
     from bec.pipeline.child import PipelineSpec
@@ -160,7 +174,9 @@ def command(app: AppContext, job_name: str, **opts: Any) -> None:
         f"{pipeline.n_infer} inference ({device}), {pipeline.n_post} post, "
         f"{slots.layout.count} slots of {2 * slots.layout.area_bytes >> 20} MiB")
     grace = _setting(app, opts["grace"], "BEC_GRACE", 120.0, float)
-    code = Supervisor(pipeline, db, slots).run(grace)
+    metrics_port = _setting(app, opts["metrics_port"], "BEC_METRICS_PORT", 9108, int)
+    metrics_addr = _setting(app, opts["metrics_addr"], "BEC_METRICS_ADDR", "0.0.0.0")
+    code = Supervisor(pipeline, db, slots).run(grace, metrics_port, metrics_addr)
     slots.close()
     say("Worker shutdown complete")
     sys.stdout.flush()

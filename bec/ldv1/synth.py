@@ -134,6 +134,11 @@ def _draw_content(rng: np.random.Generator, ink: np.ndarray, mask: np.ndarray,
     glyph_h = min(pitch * rng.uniform(0.33, 0.45), _MAX_GLYPH_F / scale)
     block_h = pitch * n
     top0 = (h - block_h) / 2 + rng.uniform(-0.3, 0.3) * max(0.0, room - block_h) / 2
+    # Side margins wider than any gap inside a line (≤ 1.3 glyph heights): where a line
+    # starts is then never in doubt, and a tile seam in a gap is never mistaken for it.
+    # (A narrower block needs less vertical room once rotated, so the fit above holds.)
+    margin_x = max(margin_x, 3.0 * glyph_h)
+    block_w = w - 2 * margin_x
 
     rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0).astype(np.float32)
     strokes: list[tuple[np.ndarray, int]] = []        # (polylines N×P×2, thickness)
@@ -159,7 +164,8 @@ def _draw_content(rng: np.random.Generator, ink: np.ndarray, mask: np.ndarray,
         strokes += _frame(rng, margin_x - pad, top0 - pad, w - margin_x + pad,
                           top0 + block_h + pad, frame_t)
     if rng.random() < 0.5:        # a few marks in the outer margin, far from any line
-        strokes += _margin_note(rng, w, h, margin_x, margin_y, top0, block_h, glyph_h)
+        strokes += _margin_note(rng, w, margin_x, top0, block_h, glyph_h,
+                                x_text0 - (pad if has_frame else 0.0))
 
     bands = []
     short_last = rng.random() < 0.35
@@ -205,9 +211,9 @@ def _text_line(rng: np.random.Generator, x0: float, x1: float, top: float,
     end_syl = rng.random(n_max) < 0.4
     gaps = np.where(end_syl, gh * rng.uniform(0.3, 0.45, n_max), gh * rng.uniform(0.04, 0.12, n_max))
     shad = end_syl & (rng.random(n_max) < 0.06)
-    gaps = np.where(shad, gh * rng.uniform(1.0, 1.6, n_max), gaps)
+    gaps = np.where(shad, gh * rng.uniform(0.8, 1.3, n_max), gaps)
     space = rng.random(n_max) < 0.015
-    gaps = np.where(space, gh * rng.uniform(0.8, 2.0, n_max), gaps)
+    gaps = np.where(space, gh * rng.uniform(0.6, 1.3, n_max), gaps)
     starts = x0 + np.concatenate(([0.0], np.cumsum(widths + gaps)[:-1]))
     keep = starts + widths <= x1
     keep[0] = True
@@ -334,18 +340,27 @@ def _marginal_column(rng: np.random.Generator, xc: float, top0: float, block_h: 
     return [(np.concatenate(pieces), max(1, round(gh * 0.1)))]
 
 
-def _margin_note(rng: np.random.Generator, w: int, h: int, margin_x: float,
-                 margin_y: float, top0: float, block_h: float,
-                 gh: float) -> list[tuple[np.ndarray, int]]:
-    """1–3 small glyphs in the outer margin (a reader's mark), well short of a line."""
+def _margin_note(rng: np.random.Generator, w: int, margin_x: float, top0: float,
+                 block_h: float, gh: float, left_limit: float) -> list[tuple[np.ndarray, int]]:
+    """1–3 small glyphs in the outer margin (a reader's mark), well short of a line.
+
+    A note is only placed where at least three glyph heights of paper separate it from
+    the text (or it sits beyond the frame): closer than that, whether it belongs to the
+    line would be a matter of taste, and the label must not be.
+    """
     k = int(rng.integers(1, 4))
     gh2 = gh * rng.uniform(0.6, 0.9)
-    if rng.random() < 0.5 and top0 - margin_y * 0.5 > gh2 * 2:          # top margin
-        y = rng.uniform(gh2 * 0.8, max(gh2, top0 - gh2 * 2.5))
-        x = rng.uniform(margin_x, w - margin_x - 3 * gh2)
-    else:                                                              # left margin
+    width = k * gh2 * 0.8
+    left_room = left_limit - 3 * gh - width
+    top_room = top0 - 3.5 * gh - gh2
+    if top_room > gh2 and (left_room < 4 or rng.random() < 0.5):        # top margin
+        y = rng.uniform(gh2 * 0.6, top_room)
+        x = rng.uniform(margin_x, w - margin_x - width)
+    elif left_room >= 4:                                               # left margin
         y = rng.uniform(top0, top0 + block_h - gh2)
-        x = rng.uniform(2.0, max(3.0, margin_x * 0.5 - k * gh2))
+        x = rng.uniform(2.0, left_room)
+    else:
+        return []
     gx = x + np.arange(k, dtype=np.float32) * gh2 * 0.8
     return [(_glyph_strokes(rng, gx, np.full(k, gh2 * 0.65, np.float32), float(y), gh2),
              max(1, round(gh2 * 0.1)))]

@@ -52,8 +52,8 @@ def page_seed(run_seed: int, index: int) -> int:
     return (run_seed * 100_003 + index) % TRAIN_SEEDS
 
 
-def training_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(thresholded uint8 frame, uint8 frame-sized line mask) of one training page."""
+def training_sample(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(thresholded uint8 frame, uint8 frame-sized line mask, side reach) of one page."""
     rng = np.random.default_rng(seed)
     style = "bilevel" if rng.random() < 0.5 else "gray"
     page = generate_page(rng, style=style)
@@ -69,7 +69,18 @@ def training_sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
         interp = cv2.INTER_AREA if rng.random() < 0.5 else cv2.INTER_LINEAR
         gray = cv2.resize(gray, (fw, fh), interpolation=interp)
         mask = cv2.resize(mask, (fw, fh), interpolation=cv2.INTER_AREA)
-    return adaptive_threshold(gray), (mask > 127).astype(np.uint8)
+    mask = (mask > 127).astype(np.uint8)
+    return adaptive_threshold(gray), mask, side_reach(mask)
+
+
+def side_reach(mask: np.ndarray) -> int:
+    """How far a band is continued to a crop side: 1.5 × the page's band (glyph) height,
+    just over the widest gap inside a line and well under the page margins."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n < 2:
+        return 0
+    thickness = stats[1:, cv2.CC_STAT_AREA] / np.maximum(stats[1:, cv2.CC_STAT_WIDTH], 1)
+    return int(1.5 * float(np.median(thickness))) + 2
 
 
 class _Pages(IterableDataset):
@@ -78,7 +89,7 @@ class _Pages(IterableDataset):
     def __init__(self, run_seed: int) -> None:
         self.run_seed = run_seed
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         cv2.setNumThreads(1)
         torch.set_num_threads(1)
         i = 0
@@ -87,12 +98,12 @@ class _Pages(IterableDataset):
             i += 1
 
 
-def _as_is(sample: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _as_is(sample: tuple[np.ndarray, np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, int]:
     """Keep samples as numpy arrays (the default would turn them into tensors)."""
     return sample
 
 
-def _crop(rng: random.Random, binary: np.ndarray, mask: np.ndarray,
+def _crop(rng: random.Random, binary: np.ndarray, mask: np.ndarray, reach: int,
           ch: int, cw: int) -> tuple[np.ndarray, np.ndarray]:
     """Random ch×cw crop; frames smaller than that are padded white (as tiles are)."""
     h, w = binary.shape
@@ -103,10 +114,34 @@ def _crop(rng: random.Random, binary: np.ndarray, mask: np.ndarray,
         b2[:h, :w], m2[:h, :w] = binary, mask
         binary, mask, h, w = b2, m2, ph, pw
     y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
-    b, m = binary[y:y + ch, x:x + cw], mask[y:y + ch, x:x + cw]
+    b, m = binary[y:y + ch, x:x + cw], _extend_to_sides(mask[y:y + ch, x:x + cw], reach)
     if rng.random() < 0.5:                   # lines read the same mirrored left-right
         b, m = b[:, ::-1], m[:, ::-1]
     return b, m
+
+
+def _extend_to_sides(mask: np.ndarray, reach: int) -> np.ndarray:
+    """Copy of a crop's mask whose bands reaching within ``reach`` px of the left or
+    right border are continued to that border (``reach``: :func:`side_reach`).
+
+    Tiles do not overlap, so a tile that starts in the gap between two syllables sees
+    white and then glyphs — exactly what the start of a line after its margin looks
+    like — while only the tile before it knows the line goes on. Trained on the true
+    label, the model hedges (p ≈ 0.7 there) and the 0.85 cut splits the line in two.
+    Settling the ambiguity the other way costs little: the reach is shorter than the
+    page margins, so only a seam near a line's end can stretch its band (by less than
+    ``reach``, to the seam), which changes no line count.
+    """
+    m = mask.copy()
+    if reach <= 0:
+        return m
+    reach = min(reach, m.shape[1])
+    cols = np.arange(reach)
+    for side in (m[:, :reach], m[:, ::-1][:, :reach]):      # views into m
+        hit = side.any(1)
+        first = side.argmax(1)
+        side |= (hit[:, None] & (cols[None, :] < first[:, None])).astype(m.dtype)
+    return m
 
 
 def _edge_weight(h: int, w: int, margin: int = 48, extra: float = 3.0) -> torch.Tensor:
@@ -162,7 +197,7 @@ def train(out: Path, seed: int, steps: int, minutes: float, batch: int, crop: tu
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     stream = iter(DataLoader(_Pages(seed), batch_size=None, num_workers=1, prefetch_factor=4,
                              collate_fn=_as_is))
-    pool: list[tuple[np.ndarray, np.ndarray]] = []
+    pool: list[tuple[np.ndarray, np.ndarray, int]] = []
     ch, cw = crop
     weight = _edge_weight(ch, cw)
     start = time.monotonic()

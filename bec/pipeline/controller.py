@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import botocore.exceptions
 import numpy as np
 
-from bec import aws, lifecycle
+from bec import aws, lifecycle, metrics
 from bec.artifacts import PageOutcome
 from bec.db import Database
 from bec.errors import BadInput, PoisonMessage
@@ -191,6 +191,12 @@ class Controller:
             vol.outcomes[page] = outcome
             self.counters.pages += 1
             self.counters.page_errors += int(not outcome.ok)
+            metrics.PAGES.labels("ok" if outcome.ok else "error").inc()
+            if not outcome.ok:
+                metrics.PAGE_ERRORS.labels(outcome.error_stage or "", outcome.error_type or "").inc()
+            for stage, ms in zip(("fetch", "decode", "infer", "post"), outcome.timings):
+                if ms > 0:
+                    metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
         if vol.complete and not vol.finishing:
             vol.finishing = True
             self.finish_pool.submit(self._finish, vol)
@@ -207,6 +213,7 @@ class Controller:
         if taken is None:
             return
         vol, page, row = taken
+        metrics.S3_READ.inc(int(row["nbytes"]))
         if vol is not None:
             entry = vol.adm.manifest.entries[page]
             result = decode_result(self.pool.read_result(msg.slot))
@@ -225,6 +232,7 @@ class Controller:
         if taken is None:
             return
         vol, page, row = taken
+        metrics.S3_READ.inc(int(row["nbytes"]))
         timings, etag = self._timings(row), row["etag"].decode() or None
         self._free_slot(msg.slot)
         if vol is not None:
@@ -244,6 +252,8 @@ class Controller:
         if now - self._last_scan < SCAN_EVERY_S:
             return
         self._last_scan = now
+        metrics.VOLUMES_IN_FLIGHT.set(len(self.volumes))
+        metrics.PAGES_WAITING.set(sum(len(v.todo) for v in self.volumes.values()))
         for slot, until in list(self.retired.items()):
             if now >= until:
                 del self.retired[slot]
@@ -265,6 +275,7 @@ class Controller:
             if vol is not None and vol.outcomes[page] is None:
                 vol.todo.appendleft(page)
                 self.counters.pages_redone += 1
+                metrics.PAGES_REDONE.inc()
                 log.info("redoing page %d of %s (holder %s)", page, vol.adm.label,
                          "stuck" if stuck else "died")
 
@@ -291,6 +302,8 @@ class Controller:
                     WaitTimeSeconds=self.p.poll_wait, VisibilityTimeout=self.p.visibility_timeout,
                     AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
                 pause = 1.0
+                metrics.SQS_RECEIVES.inc()
+                metrics.SQS_MESSAGES.inc(len(got))
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
                 log.warning("SQS receive failed (%s); retrying in %.0fs", aws.error_code(exc), pause)
                 time.sleep(pause)
@@ -333,6 +346,8 @@ class Controller:
         if label:
             self.admitting.discard(label)
         self.counters.by_verdict[adm.verdict.value] += 1
+        if adm.verdict is not Verdict.ADMITTED:
+            metrics.VOLUMES.labels(adm.verdict.value).inc()
         mid = adm.message.message_id
         if adm.verdict is Verdict.POISON:
             self.counters.poison += 1
@@ -379,7 +394,9 @@ class Controller:
         pages = len(vol.outcomes)
         errors = sum(1 for o in vol.outcomes if o is not None and not o.ok)
         seconds = time.time() - vol.adm.claimed_at
+        metrics.VOLUMES.labels("done" if verdict is Verdict.ADMITTED else "retry").inc()
         if verdict is Verdict.ADMITTED:
+            metrics.VOLUME_SECONDS.observe(seconds)
             self.counters.volumes_done += 1
             log.info("Successfully processed message: %s", vol.adm.message.message_id)
             log.info("volume %s v%s done: %d pages, %d errors, %.1f s (%.0f ms/page)",
@@ -413,6 +430,7 @@ class Controller:
                     log.warning("visibility extension failed (%s)", aws.error_code(exc))
                     continue
                 ok = {e["Id"] for e in answer.get("Successful", [])}
+                metrics.SQS_EXTENSIONS.inc(len(ok))
                 for i, v in enumerate(batch):
                     if str(i) in ok:
                         v.visible_until = now + vt
@@ -423,6 +441,7 @@ class Controller:
             if vol.finishing:
                 continue
             lifecycle.release(self.svc, vol.adm, reason)
+            metrics.VOLUMES.labels("released").inc()
             self.volumes.pop(key, None)
             self.active_labels.discard((vol.adm.w_id, vol.adm.i_id))
             self.ctx.mailbox.send("supervisor", Untrack(vol.adm.message.receipt))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bec import metrics
 from bec.ldv1 import preprocess as P
 from bec.ldv1.segmenter import Segmenter, load_segmenter, warm_up
 from bec.pipeline import slots as S
@@ -44,6 +45,8 @@ class Inference:
         self.max_pages = int(cfg["batch_size"])
         self.on_gpu = segmenter.device.type == "cuda"
         self.busy_s = 0.0
+        self.device_label = str(segmenter.device)
+        self._window = (time.perf_counter(), 0.0)  # (start, busy seconds at start)
 
     # gathering ---------------------------------------------------------------------------
     def _accept(self, msg: FrameReady) -> Page | None:
@@ -104,6 +107,10 @@ class Inference:
         elapsed = time.perf_counter() - started
         self.busy_s += elapsed
         n_tiles = tiles.shape[0]
+        metrics.BATCHES.inc()
+        metrics.TILES.inc(n_tiles)
+        metrics.BATCH_FILL.observe(min(1.0, n_tiles / self.max_tiles))
+        self.report_busy()
         for page in pages:
             row = self.ctx.slots.table[page.slot]
             if int(row["gen"]) != page.gen:
@@ -114,6 +121,17 @@ class Inference:
             out[...] = P.stitch(page_masks, page.rows, page.cols, page.height, page.width)
             row["infer_ms"] = row["infer_ms"] + elapsed * 1000 * count / n_tiles
             self._forward(page)
+
+    def report_busy(self, every_s: float = 2.0) -> None:
+        """Busy ratio over the last window of a few seconds (and device memory)."""
+        now = time.perf_counter()
+        start, busy_at_start = self._window
+        if now - start < every_s:
+            return
+        metrics.ACCEL_BUSY.labels(self.device_label).set((self.busy_s - busy_at_start) / (now - start))
+        if self.on_gpu:
+            metrics.ACCEL_MEMORY.labels(self.device_label).set(torch.cuda.memory_allocated(self.seg.device))
+        self._window = (now, self.busy_s)
 
     def _forward(self, page: Page) -> None:
         p = self.ctx.pipeline
@@ -157,6 +175,7 @@ def run(ctx: ChildContext) -> None:
     while True:
         msg = ctx.mailbox.recv(timeout=1.0)
         if msg is None:
+            engine.report_busy()
             if not ctx.parent_alive():
                 return
             continue

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bec import aws, tasks
+import numpy as np
+
+from bec import __version__, aws, metrics, tasks, telemetry
 from bec.db import Database
 from bec.errors import BecError, ModelError, Unavailable
 from bec.pipeline.child import ChildSpec, PipelineSpec, child_main
 from bec.pipeline.messages import (Drain, Fatal, Finished, Mailbox, ReleaseNow, Stop, Track,
                                    Untrack)
-from bec.pipeline.slots import SlotPool
+from bec.pipeline.slots import STATE_NAMES, SlotPool
 
 log = logging.getLogger("bec.supervisor")
 
@@ -113,6 +115,8 @@ class Supervisor:
                     child.crashes.popleft()
                 log.warning("%s (pid %d) died with exit code %s; restarting (crash %d in %.0f s)",
                             child.role, proc.pid, proc.exitcode, len(child.crashes), CRASH_WINDOW_S)
+                telemetry.mark_dead(proc.pid)
+                metrics.RESTARTS.labels(child.role.split("-")[0]).inc()
                 if child.role == "controller":
                     self.release_ledger("released: controller restarted")
                 if len(child.crashes) > MAX_CRASHES:
@@ -142,6 +146,7 @@ class Supervisor:
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
             try:
                 tasks.heartbeat(self.db, self.p.worker_id)
+                metrics.HEARTBEAT.set_to_current_time()
             except BecError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
@@ -160,10 +165,30 @@ class Supervisor:
             self.mailbox.send("controller", ReleaseNow(), timeout=1)
         return self.signals
 
+    # -- metrics -------------------------------------------------------------------------------
+    def slot_metrics(self) -> list[Any]:
+        """Scrape-time view of the slot pool: how many slots sit in each stage."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        table = self.slots.table
+        if table is None:
+            return []
+        by_state = GaugeMetricFamily("bec_slots", "Shared-memory slots by state", labels=["state"])
+        counts = np.bincount(table["state"], minlength=len(STATE_NAMES))
+        for index, name in enumerate(STATE_NAMES):
+            by_state.add_metric([name], float(counts[index]))
+        capacity = GaugeMetricFamily("bec_slots_capacity", "Shared-memory slots in the pool",
+                                     value=float(len(table)))
+        return [by_state, capacity]
+
     # -- main ----------------------------------------------------------------------------------
-    def run(self, grace: float) -> int:
+    def run(self, grace: float, metrics_port: int = 0, metrics_addr: str = "0.0.0.0") -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+        metrics.INFO.labels(__version__, self.p.job_name, self.p.model_identity.get("sha256", ""),
+                            self.p.device).set(1)
+        if metrics_port:
+            self.metrics_server = telemetry.serve(metrics_port, metrics_addr, self.slot_metrics)
         for child in self.children.values():
             self.spawn(child)
         threading.Thread(target=self.heartbeat, name="heartbeat", daemon=True).start()
@@ -226,6 +251,8 @@ class Supervisor:
         except BecError as exc:
             log.warning("could not mark the worker stopped: %s", exc)
         self.mailbox.close()
+        if getattr(self, "metrics_server", None) is not None:
+            self.metrics_server.shutdown()
         if self.fatal:
             log.error("Error: %s", self.fatal)
             return 1

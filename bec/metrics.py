@@ -1,0 +1,58 @@
+"""The worker's Prometheus metrics (DESIGN §8), shared by every process of a worker.
+
+prometheus_client's multiprocess mode: each process writes its samples to memory-mapped
+files in ``PROMETHEUS_MULTIPROC_DIR`` (set by the supervisor before any child starts), and
+the supervisor's endpoint aggregates them. A restarted child's counters are kept (its
+files stay), its live gauges are dropped (``mark_process_dead``). Labels never carry page
+or volume ids: their cardinality is fixed by the code.
+
+The supervisor calls ``bec.telemetry.enable`` before anything imports prometheus_client (the library
+picks its storage at import); in processes without the variable (CLI, unit tests) the
+same metrics simply live in that process' memory.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+PAGES = Counter("bec_pages_total", "Pages finished, by outcome (ok or error)", ["outcome"])
+PAGE_ERRORS = Counter("bec_page_errors_total", "Failed pages by stage and error type",
+                      ["stage", "error_type"])
+PAGES_REDONE = Counter("bec_pages_redone_total", "Pages redone after their holder died or stalled")
+VOLUMES = Counter("bec_volumes_total", "Volumes by outcome",
+                  ["outcome"])  # done, retry, terminal, poison, already_done, not_claimable, released
+STAGE_SECONDS = Histogram("bec_stage_seconds", "Per-page time in each stage (write: per volume)",
+                          ["stage"], buckets=STAGE_BUCKETS)
+VOLUME_SECONDS = Histogram("bec_volume_seconds", "Claim to done, per volume",
+                           buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600))
+VOLUMES_IN_FLIGHT = Gauge("bec_volumes_in_flight", "Volumes claimed and not finished",
+                          multiprocess_mode="livesum")
+PAGES_WAITING = Gauge("bec_pages_waiting", "Pages of claimed volumes not yet dispatched",
+                      multiprocess_mode="livesum")
+
+BATCH_FILL = Histogram("bec_inference_batch_fill_ratio", "Tiles in a batch / max_tiles_per_batch",
+                       buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+TILES = Counter("bec_inference_tiles_total", "Tiles run through the model")
+BATCHES = Counter("bec_inference_batches_total", "Model forward calls")
+ACCEL_BUSY = Gauge("bec_accelerator_busy_ratio", "Share of wall time the inference process computes",
+                   ["device"], multiprocess_mode="livemax")
+ACCEL_MEMORY = Gauge("bec_accelerator_memory_bytes", "Memory allocated on the accelerator",
+                     ["device"], multiprocess_mode="livemax")
+
+S3_READ = Counter("bec_s3_read_bytes_total", "Bytes read from S3 (images and manifests)")
+S3_WRITTEN = Counter("bec_s3_written_bytes_total", "Bytes written to S3 (Parquet, success.json)")
+SQS_RECEIVES = Counter("bec_sqs_receive_calls_total", "ReceiveMessage calls")
+SQS_MESSAGES = Counter("bec_sqs_messages_received_total", "Messages received")
+SQS_DELETES = Counter("bec_sqs_deletes_total", "Messages deleted (done or skipped)")
+SQS_EXTENSIONS = Counter("bec_sqs_visibility_extensions_total", "Visibility timeouts extended")
+SQS_DLQ = Counter("bec_sqs_dlq_sends_total", "Messages sent to the DLQ by the worker", ["reason"])
+DB_ERRORS = Counter("bec_db_errors_total", "Database operations that failed")
+DB_POOL_WAIT = Histogram("bec_db_pool_wait_seconds", "Time waiting for a pooled DB connection",
+                         buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+
+RESTARTS = Counter("bec_child_restarts_total", "Child processes restarted", ["kind"])
+INFO = Gauge("bec_worker_info", "Constant 1, labelled with what this worker runs",
+             ["version", "job", "model_sha256", "device"], multiprocess_mode="livemax")
+HEARTBEAT = Gauge("bec_worker_last_heartbeat_timestamp_seconds", "Last successful DB heartbeat",
+                  multiprocess_mode="livemax")

@@ -1,0 +1,72 @@
+"""The worker's Prometheus endpoint: every process aggregated, values that match the work done."""
+from __future__ import annotations
+
+import signal
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bec.devstack.moto import free_port
+from workerkit import add_volumes, enqueue, setup_job, start_worker
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_endpoint_aggregates_children(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 2, pages=4)
+    enqueue(stack, q["queue"], vols)
+    port = free_port()
+    run = start_worker(stack, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
+                       "--shutdown-after-empty", "0")
+    try:
+        for _ in range(2):
+            run.wait_for("Successfully processed", timeout=90)
+        import time
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            samples = scrape(port)
+            if value(samples, "bec_volumes_total", outcome="done") == 2:
+                break
+            time.sleep(0.5)
+        assert value(samples, "bec_volumes_total", outcome="done") == 2
+        assert value(samples, "bec_pages_total", outcome="ok") == 8
+        for stage in ("fetch", "decode", "infer", "post"):
+            assert value(samples, "bec_stage_seconds_count", stage=stage) == 8, stage
+        assert value(samples, "bec_stage_seconds_count", stage="write") == 2
+        assert value(samples, "bec_inference_tiles_total") >= 8
+        assert value(samples, "bec_inference_batches_total") >= 1
+        assert value(samples, "bec_s3_read_bytes_total") > 8 * 1000
+        assert value(samples, "bec_s3_written_bytes_total") > 0
+        assert value(samples, "bec_sqs_receive_calls_total") >= 1
+        assert value(samples, "bec_sqs_messages_received_total") == 2
+        assert value(samples, "bec_sqs_deletes_total") == 2
+        assert value(samples, "bec_slots_capacity") > 0
+        assert value(samples, "bec_slots", state="free") > 0
+        assert any(k[0] == "bec_worker_info" and dict(k[1]).get("job") == "ldv1" for k in samples)
+        assert not any("W22084" in str(k) or "I0000" in str(k) for k in samples)  # no per-volume labels
+        # a restarted child keeps its counted work
+        kids = run.children()
+        kids["controller"].kill()
+        run.wait_for("controller (pid", timeout=10)
+        time.sleep(2)
+        after = scrape(port)
+        assert value(after, "bec_pages_total", outcome="ok") == 8
+        assert value(after, "bec_child_restarts_total", kind="controller") == 1
+    finally:
+        run.signal(signal.SIGTERM)
+        assert run.wait(60) == 0
