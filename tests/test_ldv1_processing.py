@@ -21,15 +21,13 @@ from bec.ldv1.postprocess import (
 )
 from bec.ldv1.preprocess import (
     adaptive_threshold,
-    adaptive_threshold_torch,
     frame_size,
     gaussian_kernel,
     stitch,
-    stitch_torch,
     tile_count,
     tile_frame,
-    tile_frame_torch,
 )
+from bec.ldv1.preprocess_torch import adaptive_threshold_torch, stitch_torch, tile_frame_torch
 
 # --------------------------------------------------------------------------- helpers
 

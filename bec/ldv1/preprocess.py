@@ -5,6 +5,7 @@ grayscale frame → adaptive Gaussian threshold (block 31, C 15) → /255 → 51
 padded with white. Any drift here (another blur kernel, black padding, another frame
 size) silently changes what the model sees, so each step is pinned down in one place
 and shared by the fetch processes (numpy/cv2, on CPU) and the inference process (torch,
+in ``preprocess_torch``, kept apart so that only the inference process loads torch;
 possibly on the GPU, where the threshold and the tiling can run on the device).
 
 Everything is vectorised: tiling is a reshape/transpose, the torch blur is a handful of
@@ -16,8 +17,6 @@ import math
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 TILE = 512
 MAX_WIDTH = 4096
@@ -88,50 +87,6 @@ def gaussian_kernel(ksize: int = BLOCK_SIZE) -> np.ndarray:
     return (taps.astype(np.float64) / total).astype(np.float32)
 
 
-def _blur_axis(x: torch.Tensor, kernel: list[float], dim: int, size: int) -> torch.Tensor:
-    """Symmetric 1-D filter along ``dim`` of an already replicate-padded tensor.
-
-    Written as shifted multiply-adds rather than ``conv2d`` on purpose: cuDNN runs fp32
-    convolutions in TF32 by default, whose ~10-bit mantissa moves the local mean by up
-    to ~0.1 grey level and flips far more pixels than the 99.9 % agreement allows.
-    Elementwise ops are exact fp32 on every device; pairing the symmetric taps halves
-    the passes, and in-place accumulation into one buffer keeps memory traffic low
-    (on CPU this is as fast as ``conv2d``). The taps are Python floats so the loop never
-    waits on the device.
-    """
-    half = len(kernel) // 2
-    out = x.narrow(dim, half, size) * kernel[half]
-    pair = torch.empty_like(out)
-    for i in range(half):  # loop over kernel taps, not pixels
-        torch.add(x.narrow(dim, i, size), x.narrow(dim, 2 * half - i, size), out=pair)
-        out.add_(pair, alpha=kernel[i])
-    return out
-
-
-def adaptive_threshold_torch(gray: torch.Tensor) -> torch.Tensor:
-    """Torch twin of :func:`adaptive_threshold` for uint8 H×W or N×H×W on any device.
-
-    cv2 blurs the image as float32 with a 31-tap Gaussian (replicate border), converts
-    the mean back to uint8 with round-half-to-even, and keeps a pixel white when
-    ``src − mean > −C``. The same steps here agree with cv2 on all but a handful of
-    pixels whose float mean lands within float error of a .5 boundary.
-    """
-    if gray.dtype != torch.uint8 or gray.dim() not in (2, 3):
-        raise ValueError(f"expected a uint8 H×W or N×H×W tensor, got {gray.dtype} {tuple(gray.shape)}")
-    squeeze = gray.dim() == 2
-    img = gray.unsqueeze(0) if squeeze else gray
-    _, h, w = img.shape
-    kernel = [float(k) for k in gaussian_kernel()]
-    half = BLOCK_SIZE // 2
-    src = img.to(torch.float32).unsqueeze(1)  # N×1×H×W for F.pad's replicate mode
-    padded = F.pad(src, (half, half, half, half), mode="replicate").squeeze(1)
-    rows = _blur_axis(padded, kernel, dim=2, size=w)  # (N, H+2h, W)
-    mean = _blur_axis(rows, kernel, dim=1, size=h)  # (N, H, W)
-    mean_u8 = torch.round(mean).clamp_(0, 255).to(torch.int16)
-    out = (img.to(torch.int16) - mean_u8 > -C).to(torch.uint8).mul_(255)
-    return out.squeeze(0) if squeeze else out
-
-
 # --------------------------------------------------------------------------- tiling
 
 
@@ -140,11 +95,10 @@ def tile_count(frame_h: int, frame_w: int, tile: int = TILE) -> tuple[int, int]:
     return -(-frame_h // tile), -(-frame_w // tile)
 
 
-def _white(dtype: np.dtype | torch.dtype) -> float | int:
+def _white(dtype: np.dtype) -> float | int:
     # White is 255 in uint8 frames and 1.0 once scaled to [0, 1]: padding must read as
     # paper, never as ink, or the model finds lines along the frame edge.
-    floating = dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.issubdtype(dtype, np.floating)
-    return 1.0 if floating else 255
+    return 1.0 if np.issubdtype(dtype, np.floating) else 255
 
 
 def tile_frame(binary: np.ndarray, tile: int = TILE) -> np.ndarray:
@@ -162,15 +116,6 @@ def tile_frame(binary: np.ndarray, tile: int = TILE) -> np.ndarray:
     )
 
 
-def tile_frame_torch(binary: torch.Tensor, tile: int = TILE) -> torch.Tensor:
-    """Torch twin of :func:`tile_frame` (same order and padding, stays on its device)."""
-    h, w = binary.shape
-    rows, cols = tile_count(h, w, tile)
-    padded = binary.new_full((rows * tile, cols * tile), _white(binary.dtype))
-    padded[:h, :w] = binary
-    return padded.reshape(rows, tile, cols, tile).permute(0, 2, 1, 3).reshape(rows * cols, tile, tile)
-
-
 def stitch(tiles: np.ndarray, rows: int, cols: int, height: int, width: int) -> np.ndarray:
     """Inverse of :func:`tile_frame`: N×t×t tiles (row-major) → height×width, padding cropped."""
     n, t, t2 = tiles.shape
@@ -180,10 +125,7 @@ def stitch(tiles: np.ndarray, rows: int, cols: int, height: int, width: int) -> 
     return np.ascontiguousarray(full[:height, :width])
 
 
-def stitch_torch(tiles: torch.Tensor, rows: int, cols: int, height: int, width: int) -> torch.Tensor:
-    """Torch twin of :func:`stitch`."""
-    n, t, t2 = tiles.shape
-    if n != rows * cols or t != t2:
-        raise ValueError(f"{n} tiles of {t}×{t2} cannot form a {rows}×{cols} grid")
-    full = tiles.reshape(rows, cols, t, t).permute(0, 2, 1, 3).reshape(rows * t, cols * t)
-    return full[:height, :width].contiguous()
+def adaptive_threshold_into(gray: np.ndarray, out: np.ndarray) -> None:
+    """:func:`adaptive_threshold` written into ``out`` (e.g. a shared-memory slot), no copy."""
+    cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY,
+                          BLOCK_SIZE, C, dst=out)

@@ -13,12 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import botocore.exceptions
-import cv2
-import numpy as np
 
 from bec import aws, imaging
 from bec.errors import PageError
-from bec.ldv1.preprocess import BLOCK_SIZE, C, frame_size
+from bec.ldv1.preprocess import adaptive_threshold_into, frame_size
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import Fetch, FrameReady, PageFailed, Stop
@@ -113,10 +111,6 @@ class Fetcher:
         self.ctx.mailbox.send("controller", PageFailed(msg.slot, msg.gen, stage, kind, text[:1000]))
 
 
-def adaptive_threshold_into(frame: np.ndarray, out: np.ndarray) -> None:
-    """The ldv1 threshold, written straight into the slot's mask area."""
-    cv2.adaptiveThreshold(frame, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY,
-                          BLOCK_SIZE, C, dst=out)
 
 
 def run(ctx: ChildContext) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from bec import metrics
 from bec.ldv1 import preprocess as P
+from bec.ldv1 import preprocess_torch as PT
 from bec.ldv1.segmenter import Segmenter, load_segmenter, warm_up
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
@@ -88,8 +89,8 @@ class Inference:
             binary = binary.to(self.seg.device, non_blocking=True)
         else:
             gray = torch.from_numpy(pool.frame(page.slot, page.height, page.width))
-            binary = P.adaptive_threshold_torch(gray.to(self.seg.device, non_blocking=True))
-        return P.tile_frame_torch(binary, self.tile)
+            binary = PT.adaptive_threshold_torch(gray.to(self.seg.device, non_blocking=True))
+        return PT.tile_frame_torch(binary, self.tile)
 
     def run_batch(self, pages: list[Page]) -> None:
         started = time.perf_counter()

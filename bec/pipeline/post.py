@@ -15,7 +15,7 @@ import numpy as np
 from bec.ldv1.postprocess import find_lines, needs_second_pass, rotate_frame
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
-from bec.pipeline.fetch import adaptive_threshold_into
+from bec.ldv1.preprocess import adaptive_threshold_into
 from bec.pipeline.messages import FrameReady, MaskReady, PageDone, PageFailed, Stop
 
 
