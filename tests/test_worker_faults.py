@@ -152,3 +152,42 @@ def test_visibility_is_extended_for_long_volumes(stack):
     rows = assert_all_done_once(stack, vols, 240)
     assert rows[0]["attempt"] == 1 and rows[0]["total_duration_ms"] > 4000
     assert "Processing message" not in second.output
+
+
+def test_a_child_that_keeps_dying_stops_the_worker_with_an_error(stack):
+    q = setup_job(stack)
+    vols = add_volumes(stack, 1, pages=2)
+    enqueue(stack, q["queue"], vols)
+    run = start_worker(stack, "--shutdown-after-empty", "0")
+    kills = 0
+    deadline = time.monotonic() + 90
+    while run.process.poll() is None and time.monotonic() < deadline:
+        victim = run.children().get("post-0")
+        if victim is not None:
+            try:
+                victim.kill()
+                kills += 1
+            except psutil.Error:
+                pass
+            time.sleep(0.3)
+        time.sleep(0.05)
+    assert run.wait(30) == 1, run.output
+    assert "post-0 crashed 6 times" in run.output and kills >= 6
+    worker = stack.db.row("SELECT stopped_at FROM workers")
+    assert worker["stopped_at"] is not None
+    # whatever it held went back to SQS
+    visible, in_flight = queue_counts(stack, q["queue"])
+    assert tasks(stack) == [] or all(r["status"] in ("done", "retryable_failed") for r in tasks(stack))
+
+
+def test_heartbeat_advances_while_working(stack):
+    q = setup_job(stack)
+    add_repeated_volume(stack, "W1", "I1", 200)
+    enqueue(stack, q["queue"], [("W1", "I1")])
+    run = start_worker(stack, "--shutdown-after-empty", "0")
+    run.wait_for("Processing message", timeout=60)
+    time.sleep(6)
+    row = stack.db.row("SELECT extract(epoch FROM last_heartbeat_at - started_at) AS beat, stopped_at FROM workers")
+    assert row["stopped_at"] is None and row["beat"] >= 4
+    run.signal(signal.SIGTERM)
+    assert run.wait(60) == 0
