@@ -126,3 +126,85 @@ def recent_tasks(db: Database, job_id: int, limit: int, status: str | None) -> l
         ORDER BY t.id DESC
         LIMIT %(limit)s
         """, {"job": job_id, "status": status, "limit": limit})
+
+
+# -- observability: the exporter, `jobs stats --watch`, `jobs errors` -------------------------
+def exporter_totals(db: Database) -> list[dict[str, Any]]:
+    """Every job × every status (zeros included): task count, images and page errors."""
+    return db.rows(
+        """
+        SELECT j.id AS job_id, j.name, j.queue_url, j.dlq_url, s.status::text AS status,
+               count(t.id) AS count,
+               coalesce(sum(t.total_images), 0) AS total_images,
+               coalesce(sum(t.nb_errors), 0) AS total_errors
+        FROM jobs j
+        CROSS JOIN unnest(enum_range(NULL::task_status)) AS s(status)
+        LEFT JOIN task_executions t ON t.job_id = j.id AND t.status = s.status
+        GROUP BY j.id, s.status ORDER BY j.id, s.status
+        """)
+
+
+def throughput(db: Database, job_id: int) -> dict[str, Any]:
+    """Pages per second of volumes done in the last 5 and 15 minutes, and pages per volume.
+
+    Volume-grained (a volume's pages count when it is done), over the whole window.
+    """
+    return db.row(
+        """
+        SELECT coalesce(sum(total_images) FILTER (WHERE done_at >= now() - interval '5 minutes'), 0)
+                   / 300.0 AS pages_per_s_5m,
+               coalesce(sum(total_images) FILTER (WHERE done_at >= now() - interval '15 minutes'), 0)
+                   / 900.0 AS pages_per_s_15m,
+               count(*) FILTER (WHERE done_at >= now() - interval '5 minutes') AS volumes_5m,
+               count(*) FILTER (WHERE done_at >= now() - interval '15 minutes') AS volumes_15m,
+               coalesce(avg(total_images), 0) AS avg_pages_per_volume
+        FROM task_executions
+        WHERE job_id = %s AND status = 'done'
+        """, (job_id,)) or {}
+
+
+FAILED = ("retryable_failed", "terminal_failed")
+
+
+def recent_failures(db: Database, job_id: int, limit: int) -> list[dict[str, Any]]:
+    """Failed tasks (retryable or terminal), most recent first."""
+    return db.rows(
+        """
+        SELECT t.id, v.bdrc_w_id AS w_id, v.bdrc_i_id AS i_id, t.s3_etag AS version,
+               t.status::text AS status, t.attempt, coalesce(t.done_at, t.started_at) AS at,
+               t.error_reason
+        FROM task_executions t
+        JOIN volumes v ON v.id = t.volume_id
+        WHERE t.job_id = %s AND t.status IN ('retryable_failed', 'terminal_failed')
+        ORDER BY coalesce(t.done_at, t.started_at) DESC, t.id DESC
+        LIMIT %s
+        """, (job_id, limit))
+
+
+def failure_reasons(db: Database, job_id: int, limit: int = 10) -> list[dict[str, Any]]:
+    """Failed tasks' reasons, grouped with their numbers masked ("3 of 8 pages" ~ "5 of 9
+    pages"); each group with its count and its most recent text as the example."""
+    return db.rows(
+        """
+        SELECT count(*) AS count,
+               (array_agg(coalesce(error_reason, '(no reason recorded)')
+                          ORDER BY coalesce(done_at, started_at) DESC, id DESC))[1] AS example
+        FROM task_executions
+        WHERE job_id = %s AND status IN ('retryable_failed', 'terminal_failed')
+        GROUP BY regexp_replace(coalesce(error_reason, ''), '[0-9]+(\\.[0-9]+)?', 'N', 'g')
+        ORDER BY count(*) DESC, max(id) DESC
+        LIMIT %s
+        """, (job_id, limit))
+
+
+def recent_done_with_errors(db: Database, job_id: int, limit: int) -> list[dict[str, Any]]:
+    """Done tasks that had page errors, most recent first (their success.json says which)."""
+    return db.rows(
+        """
+        SELECT t.id, v.bdrc_w_id AS w_id, v.bdrc_i_id AS i_id, t.s3_etag AS version, t.nb_errors
+        FROM task_executions t
+        JOIN volumes v ON v.id = t.volume_id
+        WHERE t.job_id = %s AND t.status = 'done' AND t.nb_errors > 0
+        ORDER BY t.done_at DESC NULLS LAST, t.id DESC
+        LIMIT %s
+        """, (job_id, limit))

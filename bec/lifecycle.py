@@ -41,7 +41,8 @@ class Services:
     """What the lifecycle talks to, and the facts of this worker."""
 
     db: Database
-    s3: Any
+    s3: Any          # artifacts (destination bucket)
+    source: Any      # the archive: S3, or a folder (bec.localarchive)
     sqs: Any
     job_name: str
     job_id: int
@@ -132,7 +133,7 @@ def admit(svc: Services, message: Received) -> Admission:
         return adm
     try:
         try:
-            manifest = read_manifest(svc.s3, svc.source_bucket, adm.w_id, adm.i_id)      # 2
+            manifest = read_manifest(svc.source, svc.source_bucket, adm.w_id, adm.i_id)  # 2
         except TerminalError as exc:
             adm.volume_id = tasks.ensure_volume(svc.db, adm.w_id, adm.i_id, None, None)
             tasks.record_terminal(svc.db, svc.job_id, adm.volume_id, "", svc.worker_id, str(exc))

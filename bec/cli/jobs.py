@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,8 @@ import click
 from rich.table import Table
 
 from bec import aws, jobs as jobstore, queues
-from bec.cli.context import AppContext, out, pass_app
-from bec.errors import BadInput
+from bec.cli.context import AppContext, err, out, pass_app
+from bec.errors import BadInput, BecError, Unavailable
 from bec.ids import check_job_name, queue_names
 from bec.jobkinds import validate_config
 
@@ -145,15 +147,7 @@ def _ms(value: Any) -> str:
     return f"{float(value):.2f}" if value else "0"
 
 
-@jobs.command("stats")
-@click.argument("name")
-@pass_app
-def stats(app: AppContext, name: str) -> None:
-    """Task counts, images, errors and durations by status."""
-    db = app.db
-    job = jobstore.get(db, check_job_name(name))
-    out.print(f"Job Statistics: {job.name} (id={job.id})")
-    out.print()
+def _status_table(db: Any, job: jobstore.Job) -> Table:
     table = Table(title="Task Execution Status")
     table.add_column("Status")
     for column in ("Count", "Total Images", "Total Errors", "Avg Duration (ms)"):
@@ -161,15 +155,124 @@ def stats(app: AppContext, name: str) -> None:
     for row in jobstore.status_stats(db, job.id):
         table.add_row(row["status"], str(row["count"]), str(row["total_images"]),
                       str(row["total_errors"]), _ms(row["avg_duration_ms"]))
-    out.print(table)
+    return table
+
+
+def _totals_lines(db: Any, job: jobstore.Job) -> list[str]:
     total = jobstore.overall_stats(db, job.id)
+    return ["Overall Totals:",
+            f"  Total Tasks: {total['total_tasks']}",
+            f"  Total Images: {total['total_images']}",
+            f"  Total Errors: {total['total_errors']}",
+            f"  Avg Duration per Task: {float(total['avg_task_ms']):.2f} ms",
+            f"  Avg Duration per Page: {float(total['avg_page_ms']):.2f} ms"]
+
+
+@jobs.command("stats")
+@click.argument("name")
+@click.option("--watch", is_flag=True, help="Keep the view up to date, with pages/s and an ETA (Ctrl-C exits).")
+@click.option("--interval", type=click.FloatRange(0.1), default=5.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--iterations", type=click.IntRange(1), default=None, hidden=True,
+              help="Stop --watch after this many refreshes (for tests).")
+@pass_app
+def stats(app: AppContext, name: str, watch: bool, interval: float, iterations: int | None) -> None:
+    """Task counts, images, errors and durations by status."""
+    db = app.db
+    job = jobstore.get(db, check_job_name(name))
+    if watch:
+        _watch_stats(app, job, interval, iterations)
+        return
+    out.print(f"Job Statistics: {job.name} (id={job.id})")
     out.print()
-    out.print("Overall Totals:")
-    out.print(f"  Total Tasks: {total['total_tasks']}")
-    out.print(f"  Total Images: {total['total_images']}")
-    out.print(f"  Total Errors: {total['total_errors']}")
-    out.print(f"  Avg Duration per Task: {float(total['avg_task_ms']):.2f} ms")
-    out.print(f"  Avg Duration per Page: {float(total['avg_page_ms']):.2f} ms")
+    out.print(_status_table(db, job))
+    out.print()
+    for line in _totals_lines(db, job):
+        out.print(line)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_lines(rate: dict[str, Any], depth: dict[str, int] | None, depth_error: str | None = None) -> list[str]:
+    """Throughput over 5 and 15 minutes and the ETA of the queued volumes."""
+    per_5 = float(rate.get("pages_per_s_5m") or 0)
+    per_15 = float(rate.get("pages_per_s_15m") or 0)
+    avg_pages = float(rate.get("avg_pages_per_volume") or 0)
+    lines = ["Throughput:",
+             f"  Pages/s (last 5 min): {per_5:.2f} ({rate.get('volumes_5m', 0)} volumes)",
+             f"  Pages/s (last 15 min): {per_15:.2f} ({rate.get('volumes_15m', 0)} volumes)",
+             f"  Avg Pages per Volume: {avg_pages:.1f}"]
+    if depth is None:
+        lines.append(f"  Queue: unavailable ({depth_error or 'unknown error'})")
+        lines.append("  ETA: -")
+        return lines
+    queued = depth["visible"] + depth["in_flight"]
+    lines.append(f"  Queue: {queued} volumes ({depth['visible']} visible, {depth['in_flight']} in flight)")
+    per_s = per_5 or per_15
+    if queued == 0:
+        lines.append("  ETA: done (queue empty)")
+    elif per_s <= 0 or avg_pages <= 0:
+        lines.append("  ETA: - (no volume done in the last 15 minutes)")
+    else:
+        lines.append(f"  ETA: {_duration(queued * avg_pages / per_s)} "
+                     f"({queued} × {avg_pages:.1f} pages ÷ {per_s:.2f} pages/s)")
+    return lines
+
+
+def _watch_view(app: AppContext, job: jobstore.Job, interval: float) -> Any:
+    from rich.console import Group
+    from rich.text import Text
+
+    from bec.exporter import queue_depth
+
+    db = app.db
+    parts: list[Any] = [Text(f"Job Statistics: {job.name} (id={job.id})"), Text(""),
+                        _status_table(db, job), Text("")]
+    parts += [Text(line) for line in _totals_lines(db, job)]
+    depth: dict[str, int] | None = None
+    why = None
+    try:
+        with aws.cli_errors("SQS", aws.endpoint_of(app.sqs)):
+            depth = queue_depth(app.sqs, job.queue_url)
+    except BecError as exc:
+        why = str(exc)
+    parts.append(Text(""))
+    parts += [Text(line) for line in progress_lines(jobstore.throughput(db, job.id), depth, why)]
+    parts.append(Text(""))
+    parts.append(Text(f"Updated {time.strftime('%H:%M:%S')}, every {interval:g}s — Ctrl-C to exit",
+                      style="dim"))
+    return Group(*parts)
+
+
+def _watch_stats(app: AppContext, job: jobstore.Job, interval: float, iterations: int | None) -> None:
+    from rich.live import Live
+
+    done = 0
+    try:
+        with Live(_watch_view(app, job, interval), console=out, auto_refresh=False,
+                  redirect_stdout=False, redirect_stderr=False) as live:
+            done = 1
+            while iterations is None or done < iterations:
+                time.sleep(interval)
+                try:
+                    view = _watch_view(app, job, interval)
+                except Unavailable as exc:  # the database blinked: keep the last view, say so
+                    err.print(f"Warning: {exc}")
+                    continue
+                live.update(view, refresh=True)
+                done += 1
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends
 
 
 def _cell(value: Any, fmt: str = "{}") -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bec.errors import BadInput
-from bec.pipeline.messages import Fatal, Mailbox
+from bec.pipeline.messages import Fatal, Mailbox, Ready
 from bec.pipeline.slots import SlotLayout, SlotPool, SharedFd
 
 PR_SET_PDEATHSIG = 1
@@ -94,6 +94,10 @@ class ChildContext:
 
     def parent_alive(self) -> bool:
         return os.getppid() == self.spec.parent_pid
+
+    def ready(self) -> None:
+        """Tell the supervisor this process is initialised (model loaded, warmed up…)."""
+        self.mailbox.send("supervisor", Ready(self.spec.role, os.getpid()), timeout=5)
 
 
 def _die_with_parent(parent_pid: int, role: str) -> None:

@@ -30,6 +30,7 @@ from bec.artifacts import PageOutcome
 from bec.db import Database
 from bec.errors import BadInput, PoisonMessage
 from bec.lifecycle import Admission, Received, Verdict
+from bec.localarchive import source_client
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import (Drain, Fetch, Finished, Gone, PageDone, PageFailed, ReleaseNow,
@@ -80,7 +81,8 @@ class Controller:
         self.db = Database(p.db, min_size=1, max_size=4, application_name="bec-controller")
         self.sqs = aws.client("sqs", p.region)
         self.svc = lifecycle.Services(
-            db=self.db, s3=aws.client("s3", p.region), sqs=self.sqs, job_name=p.job_name,
+            db=self.db, s3=aws.client("s3", p.region), source=source_client(p.source_bucket, p.region),
+            sqs=self.sqs, job_name=p.job_name,
             job_id=p.job_id, worker_id=p.worker_id, worker_name=p.extra.get("worker_name", ""),
             source_bucket=p.source_bucket, dest_bucket=p.dest_bucket, queue_url=p.queue_url,
             dlq_url=p.dlq_url, config=p.config, model=p.model_identity, retry_delay=p.retry_delay,
@@ -517,6 +519,7 @@ class Controller:
 
 def run(ctx: ChildContext) -> None:
     controller = Controller(ctx)
+    ctx.ready()
     try:
         reason = controller.run()
     except BadInput as exc:

@@ -16,6 +16,7 @@ import botocore.exceptions
 
 from bec import aws, imaging
 from bec.errors import PageError
+from bec.localarchive import source_client
 from bec.ldv1.preprocess import adaptive_threshold_into, frame_size
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
@@ -41,7 +42,7 @@ class Fetcher:
     def __init__(self, ctx: ChildContext) -> None:
         self.ctx = ctx
         p = ctx.pipeline
-        self.s3 = aws.client("s3", p.region, pool=p.fetch_threads + 2)
+        self.s3 = source_client(p.source_bucket, p.region, pool=p.fetch_threads + 2)
         self.rule = frame_for(p.config, ctx.slots.layout.area_bytes)
         self.max_pixels = int(p.config["max_image_pixels"])
         self.threshold_here = p.threshold_in_fetch
@@ -115,6 +116,7 @@ class Fetcher:
 
 def run(ctx: ChildContext) -> None:
     fetcher = Fetcher(ctx)
+    ctx.ready()
     with ThreadPoolExecutor(max_workers=ctx.pipeline.fetch_threads,
                             thread_name_prefix=ctx.spec.role) as threads:
         while True:

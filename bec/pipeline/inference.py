@@ -109,6 +109,7 @@ class Inference:
         self.busy_s += elapsed
         n_tiles = tiles.shape[0]
         metrics.BATCHES.inc()
+        metrics.INFER_BUSY.inc(elapsed)
         metrics.TILES.inc(n_tiles)
         metrics.BATCH_FILL.observe(min(1.0, n_tiles / self.max_tiles))
         self.report_busy()
@@ -173,8 +174,12 @@ def run(ctx: ChildContext) -> None:
     warm_up(segmenter)
     ctx.log.debug("%s ready on %s", ctx.spec.role, segmenter.device)
     engine = Inference(ctx, segmenter)
+    ctx.ready()
+    idle_since = time.perf_counter()
     while True:
         msg = ctx.mailbox.recv(timeout=1.0)
+        if msg is not None:
+            metrics.INFER_WAIT.observe(time.perf_counter() - idle_since)
         if msg is None:
             engine.report_busy()
             if not ctx.parent_alive():
@@ -187,5 +192,6 @@ def run(ctx: ChildContext) -> None:
         pages, stop = engine.gather(msg)
         if pages:
             engine.run_batch(pages)
+        idle_since = time.perf_counter()
         if stop:
             return

@@ -94,6 +94,7 @@ class Post:
 
 def run(ctx: ChildContext) -> None:
     post = Post(ctx)
+    ctx.ready()
     while True:
         msg = ctx.mailbox.recv(timeout=1.0)
         if msg is None:

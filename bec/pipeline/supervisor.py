@@ -32,7 +32,7 @@ from bec import __version__, aws, metrics, tasks, telemetry
 from bec.db import Database
 from bec.errors import BecError, ModelError, Unavailable
 from bec.pipeline.child import ChildSpec, PipelineSpec, child_main
-from bec.pipeline.messages import (Drain, Fatal, Finished, Mailbox, ReleaseNow, Stop, Track,
+from bec.pipeline.messages import (Drain, Fatal, Finished, Mailbox, Ready, ReleaseNow, Stop, Track,
                                    Untrack)
 from bec.pipeline.slots import STATE_NAMES, SlotPool
 
@@ -89,6 +89,9 @@ class Supervisor:
         self.fatal: str | None = None
         self.exit_code = 0
         self._stop_heartbeat = threading.Event()
+        self.ready: set[str] = set()
+        self.announced_ready = False
+        self.started = time.monotonic()
         self.sqs = aws.client("sqs", pipeline.region)
 
     # -- children ------------------------------------------------------------------------------
@@ -221,6 +224,11 @@ class Supervisor:
             self.finished = msg.reason
         elif isinstance(msg, Fatal):
             self.fatal = f"{msg.role}: {msg.reason}"
+        elif isinstance(msg, Ready):
+            self.ready.add(msg.role)
+            if not self.announced_ready and self.ready >= set(self.children):
+                self.announced_ready = True
+                log.info("All %d processes ready (%.1f s)", len(self.children), time.monotonic() - self.started)
 
     def shutdown(self) -> int:
         controller = self.children["controller"].process

@@ -1,0 +1,62 @@
+"""``bec exporter``: the job-level Prometheus endpoint (queues, task counts; see bec.exporter)."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import click
+
+from bec.cli.context import AppContext, pass_app
+from bec.errors import BadInput
+
+log = logging.getLogger("bec.exporter")
+
+
+@click.command("exporter")
+@click.option("--port", type=click.IntRange(0, 65535), default=9109, show_default=True,
+              help="Port of the /metrics endpoint (0 = any free port).")
+@click.option("--addr", default="0.0.0.0", show_default=True, help="Address the endpoint listens on.")
+@click.option("--interval", type=click.FloatRange(0.1), default=15.0, show_default=True,
+              help="Seconds a refresh of the values is reused (scrapes within it cost nothing).")
+@click.option("--log-json", is_flag=True, help="Log JSON lines (for CloudWatch).")
+@pass_app
+def command(app: AppContext, port: int, addr: str, interval: float, log_json: bool) -> None:
+    """Export every job's queue depth, DLQ and task counts for Prometheus."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from bec import aws
+    from bec.exporter import JobExporter
+    from bec.logs import setup_logging
+
+    setup_logging(json_lines=log_json)
+    # the pool logs every failed reconnection; the exporter's own warning says it once per refresh
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    settings = app.settings
+    db_params = settings.db_params()  # a missing setting is an operator error: say it now
+    region = app.region
+    collector = JobExporter(db_params, lambda: aws.client("sqs", region, max_attempts=2, read_timeout=10),
+                            interval=interval, connect_timeout=3.0)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise BadInput(f"cannot listen on {addr}:{port}: {exc.strerror or exc}") from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    log.info(f"Exporter: http://{addr}:{server.server_port}/metrics "
+             f"(database {db_params.describe()}, region {region}, refresh every {interval:g}s)")
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.shutdown()
+        collector.close()
+        log.info("Exporter stopped")

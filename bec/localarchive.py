@@ -1,0 +1,57 @@
+"""An archive bucket read from a local folder (``--s3-source-bucket file:///path``).
+
+For a mounted copy of the archive, and for benchmarks that must leave S3's cost out.
+Implements the one call the worker makes on the source bucket, ``get_object``, with
+boto3's shapes (``Body``, ``ETag``, ``ContentLength``; a missing key raises the same
+``ClientError`` code ``NoSuchKey``), so nothing else needs to know.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+
+SCHEME = "file://"
+
+
+def is_local(bucket: str) -> bool:
+    return bucket.startswith(SCHEME)
+
+
+class DirectoryS3:
+    def __init__(self, url: str) -> None:
+        self.root = Path(url[len(SCHEME):]).resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise self._missing(key)  # keys never leave the folder
+        return path
+
+    @staticmethod
+    def _missing(key: str) -> botocore.exceptions.ClientError:
+        return botocore.exceptions.ClientError(
+            {"Error": {"Code": "NoSuchKey", "Message": f"{key} not found"},
+             "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject")
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        path = self._path(Key)
+        try:
+            data = path.read_bytes()
+            stat = os.stat(path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._missing(Key) from None
+        etag = f'"{stat.st_mtime_ns:x}{stat.st_size:x}"'
+        return {"Body": io.BytesIO(data), "ETag": etag, "ContentLength": len(data)}
+
+
+def source_client(bucket: str, region: str, **kwargs: Any) -> Any:
+    """The client to read the archive with: a folder for ``file://``, else S3."""
+    if is_local(bucket):
+        return DirectoryS3(bucket)
+    from bec import aws
+
+    return aws.client("s3", region, **kwargs)
