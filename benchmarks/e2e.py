@@ -1,0 +1,124 @@
+"""The whole pipeline: a real ``bec worker`` (processes, shared memory, SQS, PostgreSQL)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bec.db import Database
+from bec.devstack.moto import free_port
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    db: Database
+    sqs: Any
+
+
+def _tree_memory(root: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) summed over the worker's processes; PSS shares common pages fairly."""
+    rss = pss = 0
+    for p in [root] + root.children(recursive=True):
+        try:
+            info = p.memory_full_info()
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        except psutil.Error:
+            pass
+    return rss, pss
+
+
+def _scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            out[key] = s.value
+    return out
+
+
+def run_worker(stack: Stack, job: str, volumes: list[tuple[str, str]], pages: int, model: str,
+               procs: int, source: str, extra: list[str] | None = None, timeout: float = 3600,
+               log_path: Path | None = None) -> dict[str, Any]:
+    """Start a worker, wait until it is ready, enqueue, wait until every volume is done."""
+    exe = str(Path(sys.executable).with_name("bec"))
+    subprocess.run([exe, "jobs", "create", "--name", job, "--config-text",
+                    json.dumps({"use_gpu": False, "precision": "fp32"})],
+                   env=stack.env, check=True, capture_output=True)
+    job_row = stack.db.row("SELECT id, queue_url FROM jobs WHERE name = %s", (job,))
+    port = free_port()
+    cmd = [exe, "worker", "--job-name", job, "--model-path", model, "--procs", str(procs),
+           "--poll-wait", "1", "--shutdown-after-empty", "0", "--s3-source-bucket", source,
+           "--metrics-port", str(port), "--metrics-addr", "127.0.0.1", *(extra or [])]
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if log is not subprocess.DEVNULL:
+                log.write(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    root = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    while not any("processes ready" in line for line in lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("worker did not start:\n" + "".join(lines[-30:]))
+        time.sleep(0.05)
+    before = _scrape(port)
+    for start in range(0, len(volumes), 10):
+        stack.sqs.send_message_batch(QueueUrl=job_row["queue_url"], Entries=[
+            {"Id": str(n), "MessageBody": json.dumps({"w_id": w, "i_id": i})}
+            for n, (w, i) in enumerate(volumes[start:start + 10])])
+    peak = peak_pss = 0
+    samples = []
+    deadline = time.monotonic() + timeout
+    while True:
+        rss, pss = _tree_memory(root)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
+        samples.append(pss)
+        row = stack.db.row("SELECT count(*) FILTER (WHERE status = 'done') AS done, "
+                           "count(*) FILTER (WHERE status <> 'done' AND status <> 'running') AS failed "
+                           "FROM task_executions WHERE job_id = %s", (job_row["id"],))
+        if row["done"] + row["failed"] >= len(volumes):
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("worker stopped early:\n" + "".join(lines[-30:]))
+        time.sleep(0.2)
+    after = _scrape(port)
+    span = stack.db.row("SELECT extract(epoch FROM max(done_at) - min(started_at)) AS seconds, "
+                        "sum(total_images) AS pages, sum(nb_errors) AS errors FROM task_executions "
+                        "WHERE job_id = %s", (job_row["id"],))
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    seconds = float(span["seconds"])
+    busy = after.get("bec_inference_busy_seconds_total", 0) - before.get("bec_inference_busy_seconds_total", 0)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    long_waits = delta("bec_inference_wait_seconds_count") - delta("bec_inference_wait_seconds_bucket{le=0.1}")
+    return {"procs": procs, "pages": int(span["pages"]), "errors": int(span["errors"] or 0),
+            "seconds": round(seconds, 3), "pages_per_s": round(int(span["pages"]) / seconds, 2),
+            "peak_rss_mb": round(peak / 2**20, 1), "peak_pss_mb": round(peak_pss / 2**20, 1),
+            "median_pss_mb": round(sorted(samples)[len(samples) // 2] / 2**20, 1),
+            "inference_busy_s": round(busy, 3), "inference_idle_s": round(max(0.0, seconds - busy), 3),
+            "inference_busy_ratio": round(busy / seconds, 3) if seconds else 0.0,
+            "inference_waits_over_100ms": int(long_waits), "failed_volumes": int(row["failed"])}

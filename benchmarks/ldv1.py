@@ -1,0 +1,263 @@
+"""``python -m benchmarks.ldv1``: every stage alone, the whole pipeline, and the baselines.
+
+One run, one generated corpus (seeded, shaped like the archive), one model:
+
+* stages alone — S3 fetch, decode (PyTurboJPEG vs Pillow side by side), inference (tiles/s),
+  post-processing, Parquet writing — pages/s and per-page ms (median, p95);
+* the whole pipeline through the real ``bec worker`` (processes, shared memory, SQS,
+  PostgreSQL) at each ``--procs``, against its ceiling (the slowest stage's pages/s for the
+  same resources): efficiency = e2e ÷ ceiling;
+* the baselines a user would write: a sequential loop and a ``DataLoader``;
+* optionally (``--memory``) peak RSS summed over the worker's processes at larger sizes.
+
+Results print as a table and go to ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import corpus as C
+from benchmarks import e2e, stages
+from benchmarks import pagework as W
+
+OUT = Path("bench-out")
+console = Console(width=150)
+
+
+def _model_path(kind: str, out: Path) -> str:
+    if kind == "null":
+        return "null"
+    if kind == "small":
+        from bec.devstack.stack import shipped_model
+
+        path = shipped_model()
+        if path.exists():
+            return str(path)
+        from bec.ldv1.checkpoint import save_checkpoint
+        from bec.ldv1.smallnet import SmallLineNet
+
+        path = out / "small-random.pth"
+        save_checkpoint(SmallLineNet(), path, arch="bec-small-v1")
+        return str(path)
+    import torch
+
+    from bec.ldv1.deeplab import DeepLabV3Plus
+
+    path = out / "ldv1-random.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save({"state_dict": DeepLabV3Plus().state_dict()}, path)
+    return str(path)
+
+
+def _local_stack(tmp: Path) -> tuple[e2e.Stack, Any, list]:
+    """A private moto server and a fresh database for this run."""
+    import boto3
+
+    from bec.config import DbParams
+    from bec.db import Database
+    from bec.devstack import moto as motostack
+    from bec.devstack import postgres as pgstack
+
+    moto = motostack.start(log_path=tmp / "moto.log")
+    pg = pgstack.find_or_start(tmp / "pgdata")
+    dbname = f"bec_bench_{os.getpid()}"
+    pgstack.create_database(pg, dbname)
+    params = DbParams(pg.host, pg.port, pg.user, None, dbname)
+    db = Database(params, max_size=2)
+    db.apply_schema()
+    env = {**os.environ, "BEC_SQL_HOST": pg.host, "BEC_SQL_PORT": str(pg.port), "BEC_SQL_USER": pg.user,
+           "BEC_SQL_DATABASE": dbname, "BEC_REGION": "us-east-1", "BEC_DEST_S3_BUCKET": "bench-artifacts",
+           "AWS_ENDPOINT_URL": moto.url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=moto.url)
+    for bucket in ("archive.tbrc.org", "bench-artifacts"):
+        s3.create_bucket(Bucket=bucket)
+    sqs = boto3.client("sqs", region_name="us-east-1", endpoint_url=moto.url)
+
+    def close() -> None:
+        db.close()
+        moto.stop()
+        pgstack.drop_database(pg, dbname)
+        if pg.data_dir:
+            pgstack.stop_private(pg)
+
+    return e2e.Stack(env, db, sqs), s3, [close]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ldv1", description=__doc__.split("\n")[0])
+    ap.add_argument("--pages", type=int, default=240)
+    ap.add_argument("--volumes", type=int, default=8)
+    ap.add_argument("--procs", default="1,2", help="comma-separated fetch/decode process counts")
+    ap.add_argument("--model", choices=["null", "small", "ldv1"], default="small")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ap.add_argument("--batch-tiles", type=int, default=None, help="max_tiles_per_batch")
+    ap.add_argument("--source", choices=["s3", "folder"], default="s3",
+                    help="serve the corpus from the local stack's S3 (moto) or from a folder")
+    ap.add_argument("--memory", default="", help="e.g. 1000,5000: peak RSS of null-model runs at these sizes")
+    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "cache"
+    procs_list = [int(p) for p in args.procs.split(",") if p]
+    cores = len(os.sched_getaffinity(0))
+    results: dict[str, Any] = {
+        "config": {**vars(args), "json": str(args.json) if args.json else None, "out": str(out),
+                   "cores": cores, "python": platform.python_version(), "machine": platform.machine()},
+        "stages": [], "pipeline": [], "baselines": [], "memory": []}
+    overrides = {"max_tiles_per_batch": args.batch_tiles} if args.batch_tiles else {}
+    cfg = W.config(precision=args.precision, use_gpu=args.device == "cuda", **overrides)
+
+    console.rule(f"benchmarks.ldv1 — model {args.model} on {args.device}, {args.pages} pages, {cores} cores")
+    t = time.perf_counter()
+    corpus = C.build(args.pages, args.volumes, cache_dir=cache)
+    items = corpus.items()
+    console.print(f"corpus: {corpus.pages} pages in {len(corpus.volumes)} volumes "
+                  f"({corpus.bytes_total() / corpus.pages / 1000:.0f} kB/page), ready in {time.perf_counter() - t:.1f}s")
+    stack, s3, closers = _local_stack(out)
+    try:
+        folder = out / "archive"
+        if args.source == "s3":
+            C.publish(corpus, C.s3_writer(s3, "archive.tbrc.org"))
+            source = "archive.tbrc.org"
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            C.publish(corpus, C.folder_writer(folder))
+            source = f"file://{folder.resolve()}"
+        model_path = _model_path(args.model, out)
+        keys = [f"{W.volume_prefix(w, i)}{name}" for w, i, name, _ in items]
+
+        # -- stages alone -------------------------------------------------------------------
+        for p in procs_list:
+            results["stages"].append(stages.as_dict(stages.fetch(keys, source, "us-east-1", p, 4)))
+            results["stages"].append(stages.as_dict(stages.decode(len(items), args.pages, args.volumes, cache, p)))
+        results["stages"].append(stages.as_dict(stages.decode(len(items), args.pages, args.volumes, cache, 1,
+                                                              force_pillow=True)))
+        results["decoders"] = stages.decoders_side_by_side([p.data for *_, p in items], [p.kind for *_, p in items])
+
+        import torch
+
+        from bec.ldv1.segmenter import load_segmenter
+
+        infer_threads = max(1, cores - min(procs_list))
+        torch.set_num_threads(infer_threads)
+        segmenter = load_segmenter(model_path, torch.device(args.device), args.precision,
+                                   threshold=cfg["line_threshold"], tile=cfg["tile_size"])
+        frames = [W.decode_frame(p.data, cfg) for *_, p in items]
+        infer, post, outcomes = stages.infer_and_post(segmenter, frames, cfg)
+        infer.extra["threads"] = infer_threads
+        results["stages"] += [stages.as_dict(infer), stages.as_dict(post),
+                              stages.as_dict(stages.parquet(outcomes, max(1, len(items) // args.volumes)))]
+
+        # -- the pipeline -------------------------------------------------------------------
+        by_name = {s["name"]: s for s in results["stages"]}
+        vols = [(w, i) for w, i, _ in corpus.volumes]
+        for p in procs_list:
+            run = e2e.run_worker(stack, f"ldv1-bench-{p}-{int(time.time())}", vols, corpus.pages, model_path, p,
+                                 source, log_path=out / f"worker-p{p}.log")
+            decode_p = next(s for s in results["stages"] if s["name"].startswith(f"decode {p}p [pipeline"))
+            fetch_p = next(s for s in results["stages"] if s["name"].startswith(f"fetch ({p}p"))
+            limits = {"decode": decode_p["pages_per_s"], "infer": infer.pages_per_s,
+                      "post": post.pages_per_s, "parquet": by_name["parquet (build + write)"]["pages_per_s"]}
+            if args.source == "s3":
+                limits["fetch"] = fetch_p["pages_per_s"]
+            slowest = min(limits, key=limits.get)
+            run["ceiling_stage"] = slowest
+            run["ceiling_pages_per_s"] = round(limits[slowest], 2)
+            run["efficiency"] = round(run["pages_per_s"] / limits[slowest], 3)
+            cpu_ms = sum(1000 / v for k, v in limits.items() if k != "fetch")
+            run["cpu_budget_pages_per_s"] = round(1000 * cores / cpu_ms, 2)
+            run["decode_only_ratio"] = round(run["pages_per_s"] / decode_p["pages_per_s"], 3)
+            results["pipeline"].append(run)
+
+        # -- baselines ----------------------------------------------------------------------
+        if not args.skip_baselines:
+            from benchmarks import baselines
+
+            torch.set_num_threads(cores)
+            seq = baselines.sequential(items, source, "us-east-1", segmenter, cfg)
+            results["baselines"].append(seq)
+            for p in procs_list:
+                results["baselines"].append(baselines.dataloader(items, source, "us-east-1", segmenter, cfg, p))
+            best = max(results["pipeline"], key=lambda r: r["pages_per_s"])
+            for b in results["baselines"]:
+                b["pipeline_ratio"] = round(best["pages_per_s"] / b["pages_per_s"], 2)
+
+        # -- memory -------------------------------------------------------------------------
+        for n in [int(x) for x in args.memory.split(",") if x]:
+            big = C.build(n, max(1, n // 40), cache_dir=cache)
+            big_folder = out / f"archive-{n}"
+            shutil.rmtree(big_folder, ignore_errors=True)
+            C.publish(big, C.folder_writer(big_folder))
+            run = e2e.run_worker(stack, f"ldv1-mem-{n}-{int(time.time())}", [(w, i) for w, i, _ in big.volumes],
+                                 big.pages, "null", max(procs_list), f"file://{big_folder.resolve()}")
+            results["memory"].append({"pages": n, **run})
+            shutil.rmtree(big_folder, ignore_errors=True)
+    finally:
+        for close in closers:
+            close()
+    report(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        console.print(f"results → {args.json}")
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    t = Table(title="Stages alone")
+    for col in ("stage", "pages/s", "median ms", "p95 ms", "notes"):
+        t.add_column(col, justify="left" if col in ("stage", "notes") else "right")
+    for s in results["stages"]:
+        notes = ", ".join(f"{k}={v}" for k, v in s.items() if k in ("tiles_per_s", "tiles", "threads",
+                                                                     "second_pass_pages", "bytes_per_page"))
+        t.add_row(s["name"], f"{s['pages_per_s']:.1f}", f"{s['median_ms']:.1f}", f"{s['p95_ms']:.1f}", notes)
+    console.print(t)
+    if results.get("decoders"):
+        console.print("JPEG decoders, ms/page single-threaded: " + ", ".join(
+            f"{k}={v}" for k, v in results["decoders"].items()))
+    t = Table(title="Whole pipeline (bec worker)")
+    for col in ("procs", "pages/s", "ceiling (stage)", "efficiency", "CPU-budget bound", "÷ decode-only",
+                "inference busy", "peak PSS MB"):
+        t.add_column(col, justify="right")
+    for r in results["pipeline"]:
+        t.add_row(str(r["procs"]), f"{r['pages_per_s']:.2f}", f"{r['ceiling_pages_per_s']:.2f} ({r['ceiling_stage']})",
+                  f"{r['efficiency']:.2f}", f"{r['cpu_budget_pages_per_s']:.2f}", f"{r['decode_only_ratio']:.2f}",
+                  f"{r['inference_busy_ratio']:.0%}", f"{r['peak_pss_mb']:.0f}")
+    console.print(t)
+    if results["baselines"]:
+        t = Table(title="Baselines (same model, data and post-processing)")
+        for col in ("baseline", "pages/s", "pipeline ×"):
+            t.add_column(col)
+        for b in results["baselines"]:
+            t.add_row(b["name"], f"{b['pages_per_s']:.2f}", f"{b['pipeline_ratio']:.2f}")
+        console.print(t)
+    if results["memory"]:
+        t = Table(title="Memory (null model, peak RSS summed over the worker's processes)")
+        for col in ("pages", "pages/s", "peak RSS MB", "peak PSS MB", "median PSS MB"):
+            t.add_column(col, justify="right")
+        for m in results["memory"]:
+            t.add_row(str(m["pages"]), f"{m['pages_per_s']:.1f}", f"{m['peak_rss_mb']:.0f}",
+                      f"{m['peak_pss_mb']:.0f}", f"{m['median_pss_mb']:.0f}")
+        console.print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The per-page work of the pipeline, as plain functions, for stage-alone runs and baselines.
+
+Built from the very primitives the worker's processes use (``bec.imaging``,
+``bec.ldv1.preprocess``, the segmenter, ``find_lines``, ``bec.artifacts``), so a stage
+measured alone or a baseline loop does the same work as the pipeline does per page.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bec import artifacts, imaging
+from bec.archive import volume_prefix  # noqa: F401 - re-exported for the benchmark
+from bec.ldv1.config import Ldv1Config
+from bec.ldv1.postprocess import find_lines, needs_second_pass, rotate_frame
+from bec.ldv1.preprocess import adaptive_threshold_into, stitch, tile_count, tile_frame
+from bec.pipeline.fetch import frame_for
+
+
+@dataclass
+class Frame:
+    gray: np.ndarray
+    binary: np.ndarray
+    orig_w: int
+    orig_h: int
+
+
+def config(**overrides: Any) -> dict[str, Any]:
+    return Ldv1Config.from_mapping({"use_gpu": False, "precision": "fp32", **overrides}).to_dict()
+
+
+def decode_frame(data: bytes, cfg: dict[str, Any], force_pillow: bool = False) -> Frame:
+    rule = frame_for(cfg, cfg["max_frame_width"] * cfg["max_frame_height"])
+    if force_pillow:
+        decoded = imaging._decode_pillow(data, int(cfg["max_image_pixels"]), imaging.sniff(data))
+    else:
+        decoded = imaging.decode(data, int(cfg["max_image_pixels"]), rule)
+    fw, fh = rule(decoded.width, decoded.height)
+    gray = np.empty((fh, fw), np.uint8)
+    imaging.resize_into(decoded.gray, gray)
+    binary = np.empty_like(gray)
+    adaptive_threshold_into(gray, binary)
+    return Frame(gray, binary, decoded.width, decoded.height)
+
+
+def segment_frames(segmenter: Any, frames: list[Frame], tile: int, max_tiles: int) -> list[np.ndarray]:
+    """Tiles of all frames in batches of ``max_tiles`` → stitched masks (as in the pipeline)."""
+    import torch
+
+    tiles = [tile_frame(f.binary, tile) for f in frames]
+    flat = torch.from_numpy(np.concatenate(tiles)) if tiles else torch.empty((0, tile, tile), dtype=torch.uint8)
+    outs = [segmenter.segment(chunk.to(segmenter.device)).cpu() for chunk in torch.split(flat, max_tiles)]
+    masks_all = torch.cat(outs).numpy() if outs else np.empty((0, tile, tile), np.uint8)
+    masks, at = [], 0
+    for f, t in zip(frames, tiles):
+        h, w = f.binary.shape
+        rows, cols = tile_count(h, w, tile)
+        masks.append(stitch(masks_all[at:at + len(t)], rows, cols, h, w))
+        at += len(t)
+    return masks
+
+
+def post(mask: np.ndarray, frame: Frame, filename: str = "p.jpg", rotation: float = 0.0):
+    """find_lines, and the outcome row; returns (outcome, needs a second pass)."""
+    lines = find_lines(mask, (frame.orig_w, frame.orig_h), rotation=rotation)
+    h, w = mask.shape
+    outcome = artifacts.PageOutcome(filename, True, "etag", width=frame.orig_w, height=frame.orig_h,
+                                    frame_width=w, frame_height=h, rotation_angle=rotation,
+                                    skew_angle=rotation or lines.angle, contours=lines.contours,
+                                    boxes=lines.boxes)
+    again = not rotation and needs_second_pass(lines.angle)
+    return outcome, (lines.angle if again else 0.0)
+
+
+def rotated(frame: Frame, angle: float) -> Frame:
+    """The frame turned upright for the second pass (as the post process does)."""
+    gray = rotate_frame(frame.gray, angle)
+    binary = np.empty_like(gray)
+    adaptive_threshold_into(gray, binary)
+    return Frame(gray, binary, frame.orig_w, frame.orig_h)
+
+
+def process_pages(segmenter: Any, frames: list[Frame], cfg: dict[str, Any]) -> list[artifacts.PageOutcome]:
+    """Inference and post-processing of frames, second passes included."""
+    tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
+    masks = segment_frames(segmenter, frames, tile, max_tiles)
+    results = [post(m, f) for m, f in zip(masks, frames)]
+    redo = [(i, rotated(frames[i], angle), angle) for i, (_, angle) in enumerate(results) if angle]
+    outcomes = [o for o, _ in results]
+    if redo:
+        masks2 = segment_frames(segmenter, [f for _, f, _ in redo], tile, max_tiles)
+        for (i, f, angle), m in zip(redo, masks2):
+            outcomes[i] = post(m, f, rotation=angle)[0]
+    return outcomes
+
+
+def tiles_of(frame: Frame, tile: int) -> int:
+    rows, cols = tile_count(*frame.binary.shape, tile)
+    return rows * cols

@@ -1,0 +1,186 @@
+"""Each stage of the pipeline measured alone on the same corpus (pages/s, per-page ms)."""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import corpus as C
+from benchmarks import pagework as W
+
+
+@dataclass
+class StageResult:
+    name: str
+    pages: int
+    seconds: float
+    per_page_ms: list[float] = field(default_factory=list, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.pages / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ms = np.array(self.per_page_ms) if self.per_page_ms else np.zeros(1)
+        return {"name": self.name, "pages": self.pages, "seconds": round(self.seconds, 4),
+                "pages_per_s": round(self.pages_per_s, 2), "median_ms": round(float(np.median(ms)), 3),
+                "p95_ms": round(float(np.percentile(ms, 95)), 3), **self.extra}
+
+
+# -- fetch (S3 GET or folder read, threads inside each process) --------------------------------
+_state: dict[str, Any] = {}
+
+
+def _init_fetch(source: str, region: str, threads: int, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    from bec.localarchive import source_client
+
+    _state["client"] = source_client(source, region, pool=threads + 2)
+    _state["source"] = source
+    _state["threads"] = threads
+
+
+def _fetch_chunk(keys: list[str]) -> list[float]:
+    client, bucket = _state["client"], _state["source"]
+
+    def one(key: str) -> float:
+        t = time.perf_counter()
+        client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return (time.perf_counter() - t) * 1000
+
+    with ThreadPoolExecutor(_state["threads"]) as pool:
+        return list(pool.map(one, keys))
+
+
+def fetch(keys: list[str], source: str, region: str, procs: int, threads: int) -> StageResult:
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    chunks = [keys[i::procs] for i in range(procs)]
+    with ProcessPoolExecutor(procs, initializer=_init_fetch, initargs=(source, region, threads, env)) as ex:
+        list(ex.map(_fetch_chunk, [[k] for k in keys[:procs]]))  # warm connections
+        started = time.perf_counter()
+        lat = [ms for part in ex.map(_fetch_chunk, chunks) for ms in part]
+        seconds = time.perf_counter() - started
+    return StageResult(f"fetch ({procs}p×{threads}t)", len(keys), seconds, lat)
+
+
+# -- decode (+ resize to the frame + threshold: the fetch process' CPU work) --------------------
+def _init_decode(pages: int, volumes: int, cache: str, force_pillow: bool) -> None:
+    _state["items"] = [p.data for *_, p in C.build(pages, volumes, cache_dir=Path(cache)).items()]
+    _state["cfg"] = W.config()
+    _state["pillow"] = force_pillow
+
+
+def _decode_chunk(indices: list[int]) -> list[float]:
+    out = []
+    for i in indices:
+        t = time.perf_counter()
+        W.decode_frame(_state["items"][i], _state["cfg"], _state["pillow"])
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def decode(n: int, pages: int, volumes: int, cache: Path, procs: int, force_pillow: bool = False) -> StageResult:
+    chunks = [list(range(i, n, procs)) for i in range(procs)]
+    with ProcessPoolExecutor(procs, initializer=_init_decode,
+                             initargs=(pages, volumes, str(cache), force_pillow)) as ex:
+        list(ex.map(_decode_chunk, [[0]] * procs))  # imports and caches warm
+        started = time.perf_counter()
+        times = [ms for part in ex.map(_decode_chunk, chunks) for ms in part]
+        seconds = time.perf_counter() - started
+    label = "Pillow (pillow-simd)" if force_pillow else "pipeline (turbojpeg for JPEG, Pillow for TIFF)"
+    return StageResult(f"decode {procs}p [{label}]", n, seconds, times)
+
+
+def decoders_side_by_side(datas: list[bytes], kinds: list[str]) -> dict[str, Any]:
+    """Per-JPEG decode ms of each library, single thread, full size and scaled."""
+    import io
+
+    from PIL import Image
+
+    out: dict[str, Any] = {}
+    jpegs = [d for d, k in zip(datas, kinds) if k.startswith("jpeg")][:40]
+    if not jpegs:
+        return out
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        for d in jpegs:
+            fn(d)
+        return (time.perf_counter() - t) * 1000 / len(jpegs)
+
+    from bec import imaging
+
+    if imaging._TURBO is not None:
+        tj = imaging._TURBO
+        out["turbojpeg_gray_ms"] = round(timed(lambda d: tj.decode(d, pixel_format=imaging.TJPF_GRAY)), 2)
+        out["turbojpeg_gray_scaled_half_ms"] = round(
+            timed(lambda d: tj.decode(d, pixel_format=imaging.TJPF_GRAY, scaling_factor=(1, 2))), 2)
+    out["pillow_gray_ms"] = round(timed(lambda d: Image.open(io.BytesIO(d)).convert("L").load()), 2)
+
+    def pillow_draft(d: bytes) -> None:
+        im = Image.open(io.BytesIO(d))
+        im.draft("L", (im.width // 2, im.height // 2))
+        im.convert("L").load()
+
+    out["pillow_draft_half_ms"] = round(timed(pillow_draft), 2)
+    import PIL
+
+    out["pillow_version"] = PIL.__version__ + (" (pillow-simd)" if ".post" in PIL.__version__ else "")
+    return out
+
+
+# -- inference and post-processing (one process, as in the pipeline) ---------------------------
+def infer_and_post(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any]) -> tuple[StageResult, StageResult, list]:
+    tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
+    W.segment_frames(segmenter, frames[:2], tile, max_tiles)  # warm-up
+    t = time.perf_counter()
+    masks = W.segment_frames(segmenter, frames, tile, max_tiles)
+    infer_s = time.perf_counter() - t
+    tiles = sum(W.tiles_of(f, tile) for f in frames)
+    post_ms, results = [], []
+    t = time.perf_counter()
+    for m, f in zip(masks, frames):
+        p0 = time.perf_counter()
+        results.append(W.post(m, f))
+        post_ms.append((time.perf_counter() - p0) * 1000)
+    redo = [(i, W.rotated(frames[i], angle), angle) for i, (_, angle) in enumerate(results) if angle]
+    post_s = time.perf_counter() - t
+    outcomes = [o for o, _ in results]
+    if redo:
+        t = time.perf_counter()
+        masks2 = W.segment_frames(segmenter, [f for _, f, _ in redo], tile, max_tiles)
+        infer_s += time.perf_counter() - t
+        tiles += sum(W.tiles_of(f, tile) for _, f, _ in redo)
+        t = time.perf_counter()
+        for (i, f, angle), m in zip(redo, masks2):
+            outcomes[i] = W.post(m, f, rotation=angle)[0]
+        post_s += time.perf_counter() - t
+    n = len(frames)
+    infer = StageResult("infer (tiling, model, stitching; second passes included)", n, infer_s,
+                        extra={"tiles": tiles, "tiles_per_s": round(tiles / infer_s, 2) if infer_s else 0,
+                               "second_pass_pages": len(redo)})
+    postr = StageResult("post (contours, skew, second-pass rotation)", n, post_s, post_ms)
+    return infer, postr, outcomes
+
+
+def parquet(outcomes: list, per_volume: int) -> StageResult:
+    from bec import artifacts
+
+    t = time.perf_counter()
+    size = 0
+    for start in range(0, len(outcomes), per_volume):
+        size += len(artifacts.parquet_bytes(outcomes[start:start + per_volume]))
+    return StageResult("parquet (build + write)", len(outcomes), time.perf_counter() - t,
+                       extra={"bytes_per_page": round(size / max(1, len(outcomes)), 1)})
+
+
+def as_dict(result: StageResult) -> dict[str, Any]:
+    d = asdict(result)
+    d.pop("per_page_ms", None)
+    return {**d, **result.summary()}
