@@ -35,7 +35,7 @@ from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import (Drain, Fetch, Finished, Gone, PageDone, PageFailed, ReleaseNow,
                                    Stop, Track, Untrack)
-from bec.pipeline.post import decode_result
+from bec.pipeline.slots import decode_result
 
 log = logging.getLogger("bec.controller")
 

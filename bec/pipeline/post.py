@@ -7,25 +7,14 @@ original image's pixels.
 """
 from __future__ import annotations
 
-import pickle
 import time
-
-import numpy as np
 
 from bec.ldv1.postprocess import find_lines, needs_second_pass, rotate_frame
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
 from bec.ldv1.preprocess import adaptive_threshold_into
 from bec.pipeline.messages import FrameReady, MaskReady, PageDone, PageFailed, Stop
-
-
-def encode_result(contours: list[np.ndarray], boxes: np.ndarray, rotation: float, skew: float) -> bytes:
-    return pickle.dumps({"contours": contours, "boxes": boxes, "rotation": rotation, "skew": skew},
-                        protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode_result(payload: bytes) -> dict:
-    return pickle.loads(payload)  # noqa: S301 - written by our own post process into our memfd
+from bec.pipeline.slots import encode_result
 
 
 class Post:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import pickle
 from dataclasses import dataclass
 from multiprocessing import reduction
 from typing import Any
@@ -137,3 +138,14 @@ class SlotPool:
             self._map.close()
         except BufferError:  # a view is still alive somewhere; the exit frees it anyway
             pass
+
+
+def encode_result(contours: list[np.ndarray], boxes: np.ndarray, rotation: float, skew: float) -> bytes:
+    """A page's result as written into its slot by post-processing (read by the controller)."""
+    return pickle.dumps({"contours": contours, "boxes": boxes, "rotation": rotation, "skew": skew},
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_result(payload: bytes) -> dict:
+    # Safe to unpickle: written by our own post process into our own (unnamed) memory.
+    return pickle.loads(payload)  # noqa: S301
