@@ -14,6 +14,7 @@ dpkg -s libturbojpeg0 >/dev/null 2>&1 || need_debs+=(libturbojpeg0)
 dpkg -s libtiff-dev >/dev/null 2>&1 || need_debs+=(libtiff-dev)
 dpkg -s libjpeg62-turbo-dev >/dev/null 2>&1 || need_debs+=(libjpeg62-turbo-dev)
 dpkg -s zlib1g-dev >/dev/null 2>&1 || need_debs+=(zlib1g-dev)
+dpkg -s prometheus >/dev/null 2>&1 || need_debs+=(prometheus)
 if [ ${#need_debs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "bootstrap: installing Debian packages: ${need_debs[*]}"

@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import click
 from rich.table import Table
+from rich.text import Text
 
 from bec import aws, jobs as jobstore, queues
 from bec.cli.context import AppContext, err, out, pass_app
@@ -231,7 +234,6 @@ def progress_lines(rate: dict[str, Any], depth: dict[str, int] | None, depth_err
 
 def _watch_view(app: AppContext, job: jobstore.Job, interval: float) -> Any:
     from rich.console import Group
-    from rich.text import Text
 
     from bec.exporter import queue_depth
 
@@ -310,3 +312,107 @@ def tasks(app: AppContext, name: str, limit: int, status: str | None) -> None:
                       "-" if running else _cell(row["nb_errors"]),
                       _cell(duration, "{:.1f}"), row["worker"])
     out.print(table)
+
+
+MARKERS_READ = 50
+
+
+def _when(value: Any) -> str:
+    if value is None:
+        return "-"
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def read_error_types(s3: Any, bucket: str, job: str,
+                     rows: list[dict[str, Any]]) -> tuple[dict[str, list[int]], list[str]]:
+    """Sum ``errors_by_type`` of the rows' success.json markers: type → [pages, volumes];
+    with why each unreadable marker could not be read."""
+    from bec.artifacts import success_key
+
+    def fetch(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        key = success_key(job, row["w_id"], row["i_id"], row["version"])
+        try:
+            marker = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            return None, f"{key}: {aws.error_code(exc)}"
+        except (ValueError, OSError) as exc:
+            return None, f"{key}: {type(exc).__name__}"
+        by_type = marker.get("errors_by_type") if isinstance(marker, dict) else None
+        return (by_type, "") if isinstance(by_type, dict) else (None, f"{key}: no errors_by_type")
+
+    totals: dict[str, list[int]] = {}
+    problems: list[str] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for by_type, problem in pool.map(fetch, rows):
+            if by_type is None:
+                problems.append(problem)
+                continue
+            for kind, count in by_type.items():
+                entry = totals.setdefault(str(kind), [0, 0])
+                entry[0] += int(count or 0)
+                entry[1] += 1
+    return totals, problems
+
+
+@jobs.command("errors")
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(1, 100000), default=10, show_default=True,
+              help="Failed tasks to list.")
+@click.option("--s3-dest-bucket", default=None, help="Bucket of the artifacts [env BEC_DEST_S3_BUCKET].")
+@pass_app
+def errors(app: AppContext, name: str, limit: int, s3_dest_bucket: str | None) -> None:
+    """Recent failed tasks, the most common failure reasons and page errors."""
+    db = app.db
+    job = jobstore.get(db, check_job_name(name))
+    out.print(f"Recent Failed Tasks: {job.name} (id={job.id})")
+    out.print()
+    table = Table()
+    table.add_column("ID")
+    table.add_column("Volume")
+    table.add_column("Status")
+    table.add_column("Attempt", justify="right")
+    table.add_column("When (UTC)")
+    table.add_column("Error Reason", overflow="fold")
+    for row in jobstore.recent_failures(db, job.id, limit):
+        table.add_row(str(row["id"]), f"{row['w_id']}/{row['i_id']}", row["status"], str(row["attempt"]),
+                      _when(row["at"]), Text(row["error_reason"] or "-"))
+    out.print(table)
+
+    out.print()
+    out.print("Most common failure reasons (numbers aside):")
+    reasons = jobstore.failure_reasons(db, job.id)
+    if reasons:
+        table = Table()
+        table.add_column("Tasks", justify="right")
+        table.add_column("Reason (latest example)", overflow="fold")
+        for row in reasons:
+            table.add_row(str(row["count"]), Text(row["example"]))
+        out.print(table)
+    else:
+        out.print("  none")
+
+    out.print()
+    out.print("Most common page errors:")
+    bucket = s3_dest_bucket or app.settings.get("BEC_DEST_S3_BUCKET")
+    if not bucket:
+        out.print("  (set BEC_DEST_S3_BUCKET or pass --s3-dest-bucket to read them from success.json)")
+        return
+    rows = jobstore.recent_done_with_errors(db, job.id, MARKERS_READ)
+    if not rows:
+        out.print("  none (no done task has page errors)")
+        return
+    with aws.cli_errors("S3", aws.configured_endpoint("s3")):
+        totals, problems = read_error_types(app.client("s3"), bucket, job.name, rows)
+    table = Table()
+    table.add_column("Error Type")
+    table.add_column("Pages", justify="right")
+    table.add_column("Volumes", justify="right")
+    for kind, (pages, volumes) in sorted(totals.items(), key=lambda kv: (-kv[1][0], kv[0])):
+        table.add_row(Text(kind), str(pages), str(volumes))
+    out.print(table)
+    note = f"  from the success.json of the {len(rows)} most recent done volumes with page errors"
+    if problems:
+        note += f" ({len(problems)} could not be read, e.g. {problems[0]})"
+    out.print(note, markup=False)
