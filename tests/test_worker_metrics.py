@@ -70,3 +70,20 @@ def test_metrics_endpoint_aggregates_children(stack):
     finally:
         run.signal(signal.SIGTERM)
         assert run.wait(60) == 0
+
+
+def test_json_logs_one_line_per_volume(stack):
+    import json
+
+    from workerkit import run_worker
+
+    q = setup_job(stack)
+    vols = add_volumes(stack, 2, pages=2)
+    enqueue(stack, q["queue"], vols)
+    run = run_worker(stack, "--log-json")
+    entries = [json.loads(line) for line in run.lines if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    assert any(e["message"] == "Starting BEC Worker" for e in entries)
+    volumes = [e for e in entries if e.get("outcome") == "done"]
+    assert sorted(e["volume"] for e in volumes) == sorted(f"{w}/{i}" for w, i in vols)
+    assert all(e["pages"] == 2 and e["errors"] == 0 and e["seconds"] > 0 for e in volumes)
