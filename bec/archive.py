@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import zlib
 from dataclasses import dataclass
@@ -64,9 +65,10 @@ def _entry(raw: Any, index: int) -> ManifestEntry:
     if not isinstance(name, str) or not name:
         return ManifestEntry(f"#{index}", None, None, f"manifest entry {index} has no filename")
     if ("/" in name or "\\" in name or name in (".", "..") or len(name) > MAX_FILENAME
-            or any(ord(c) < 32 for c in name)):
-        return ManifestEntry(name[:MAX_FILENAME], None, None,
-                             f"unsafe file name {name[:60]!r} in manifest")
+            or any(ord(c) < 32 for c in name) or not _fits_a_key(name)):
+        # kept for the error row, escaped where it is not valid UTF-8 (Parquet needs it)
+        shown = name.encode("utf-8", "backslashreplace").decode("utf-8")[:MAX_FILENAME]
+        return ManifestEntry(shown, None, None, f"unsafe file name {name[:60]!r} in manifest")
 
     def dim(key: str) -> int | None:
         value = raw.get(key)
@@ -75,22 +77,52 @@ def _entry(raw: Any, index: int) -> ManifestEntry:
     return ManifestEntry(name, dim("width"), dim("height"))
 
 
+def _fits_a_key(name: str) -> bool:
+    """UTF-8 encodable (no lone surrogates from a JSON escape) and at most 255 bytes."""
+    try:
+        return len(name.encode("utf-8")) <= MAX_FILENAME
+    except UnicodeEncodeError:
+        return False
+
+
+def _gunzip(body: bytes) -> bytes:
+    """Decompress, refusing more than MAX_MANIFEST_BYTES of output (a gzip bomb)."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(body)) as stream:
+            data = stream.read(MAX_MANIFEST_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise TerminalError(f"invalid manifest: gzip data is corrupt ({exc})") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise TerminalError(f"invalid manifest: larger than {MAX_MANIFEST_BYTES} bytes once "
+                            f"decompressed ({len(body):,} bytes compressed)")
+    return data
+
+
 def parse_manifest(body: bytes, w_id: str, i_id: str, prefix: str, etag: str) -> Manifest:
-    """Decode ``dimensions.json`` (gzip'd JSON list; plain JSON tolerated)."""
+    """Decode ``dimensions.json`` (gzip'd JSON list; plain JSON tolerated).
+
+    Raises ``TerminalError`` (and nothing else) when the manifest is unusable: corrupt gzip,
+    more than MAX_MANIFEST_BYTES decompressed, not JSON, nested too deeply, not a list, an
+    empty list, or a list none of whose entries names a file that can be fetched. Single
+    bad entries are kept, with their ``problem``, and become error rows.
+    """
     if body[:2] == b"\x1f\x8b":
-        try:
-            body = gzip.decompress(body)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise TerminalError(f"invalid manifest: gzip data is corrupt ({exc})") from None
+        body = _gunzip(body)
     try:
         entries = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise TerminalError("invalid manifest: not JSON (nor gzip'd JSON)") from None
+    except RecursionError:
+        raise TerminalError("invalid manifest: JSON nested too deeply") from None
     if not isinstance(entries, list):
         raise TerminalError(f"invalid manifest: expected a list of images, got {type(entries).__name__}")
     if not entries:
         raise TerminalError("invalid manifest: it lists no images")
-    return Manifest(w_id, i_id, prefix, etag, tuple(_entry(e, i) for i, e in enumerate(entries)))
+    parsed = tuple(_entry(e, i) for i, e in enumerate(entries))
+    if all(e.problem for e in parsed):
+        raise TerminalError(f"invalid manifest: none of its {len(parsed)} entries is usable "
+                            f"(first: {parsed[0].problem})")
+    return Manifest(w_id, i_id, prefix, etag, parsed)
 
 
 def read_manifest(s3: Any, bucket: str, w_id: str, i_id: str) -> Manifest:

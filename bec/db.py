@@ -36,8 +36,11 @@ class Database:
             password=params.password or None, dbname=params.database,
             application_name=application_name, connect_timeout=max(1, int(connect_timeout)),
         )
+        # check: a pooled connection broken by a server restart is replaced before use,
+        # instead of failing the next operation
         self.pool = ConnectionPool(self._conninfo, min_size=min_size, max_size=max_size,
                                    open=False, kwargs={"autocommit": True},
+                                   check=ConnectionPool.check_connection,
                                    name=f"bec-{application_name}")
         try:
             self.pool.open(wait=True, timeout=connect_timeout)

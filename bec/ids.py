@@ -35,8 +35,10 @@ def _check_id(value: object, pattern: re.Pattern[str], what: str, example: str) 
     return value
 
 
-def check_job_name(value: str) -> str:
-    if not JOB_NAME.fullmatch(value or ""):
+def check_job_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise BadInput(f"job name must be a string, got {type(value).__name__}")
+    if not JOB_NAME.fullmatch(value):
         raise BadInput(f"invalid job name {_show(value)}: use letters, digits, '-' and '_' only")
     if len(value) > MAX_JOB_NAME_LENGTH:
         raise BadInput(f"job name {_show(value)} is too long: at most {MAX_JOB_NAME_LENGTH} "

@@ -130,6 +130,10 @@ def _decode_pillow(data: bytes, max_pixels: int, kind: str) -> Decoded:
     except PageError:
         raise
     except Image.UnidentifiedImageError:
+        if kind != "other":  # its signature says JPEG/TIFF/PNG, but Pillow cannot parse it
+            raise PageError("decode", "corrupt_image",
+                            f"{kind.upper()} data is corrupt: its header or directory is unreadable "
+                            f"(truncated or damaged file of {len(data):,} bytes)") from None
         raise PageError("decode", "unsupported_format",
                         f"not a recognised image format (starts with {data[:8]!r})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -152,8 +156,10 @@ def _to_gray(image: Image.Image) -> np.ndarray:
         if mode == "F" or arr.dtype.kind == "f":
             lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
             return ((arr - lo) * (255.0 / max(hi - lo, 1e-9))).astype(np.uint8)
-        top = 65535 if mode.startswith("I;16") else max(int(arr.max()), 1)
-        return (arr.astype(np.uint32) * 255 // top).astype(np.uint8)
+        # 32-bit "I" pages: negative values are black, and int64 so that ×255 cannot wrap
+        wide = np.clip(arr.astype(np.int64), 0, None)
+        top = 65535 if mode.startswith("I;16") else max(int(wide.max()), 1)
+        return (wide * 255 // top).astype(np.uint8)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))

@@ -94,6 +94,7 @@ class Admission:
     task_id: int = 0
     attempt: int = 0
     claimed_at: float = 0.0
+    database_down: bool = False  # the retry was caused by PostgreSQL being unreachable
 
     @property
     def label(self) -> str:
@@ -108,6 +109,8 @@ def parse_body(body: str) -> tuple[str, str]:
         value = json.loads(body)
     except (json.JSONDecodeError, ValueError):
         raise PoisonMessage("message body is not JSON") from None
+    except RecursionError:  # "[[[[…" within MAX_BODY: must not take the controller down
+        raise PoisonMessage("message body is not JSON (nested too deeply)") from None
     if not isinstance(value, dict):
         raise PoisonMessage(f"message body must be a JSON object, got {type(value).__name__}")
     missing = {"w_id", "i_id"} - set(value)
@@ -115,7 +118,8 @@ def parse_body(body: str) -> tuple[str, str]:
         raise PoisonMessage(f"message body lacks {', '.join(sorted(missing))}")
     extra = set(value) - {"w_id", "i_id"}
     if extra:
-        raise PoisonMessage(f"message body has unexpected keys: {', '.join(sorted(map(str, extra)))[:200]}")
+        names = ", ".join(k if k.isprintable() else repr(k) for k in sorted(extra))
+        raise PoisonMessage(f"message body has unexpected keys: {names[:200]}")
     try:
         return check_w_id(value["w_id"]), check_i_id(value["i_id"])
     except BecError as exc:
@@ -162,6 +166,7 @@ def admit(svc: Services, message: Received) -> Admission:
         return adm
     except (RetryableError, Unavailable) as exc:
         adm.verdict, adm.reason = Verdict.RETRY, str(exc)
+        adm.database_down = isinstance(exc, Unavailable)
         retry_later(svc, adm, adm.reason)
         return adm
 
@@ -199,6 +204,7 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
     if ratio > float(svc.config.get("max_error_ratio", 0.1)):                           # 5
         reason = (f"{errors} of {len(pages)} pages failed ({ratio:.0%} > max_error_ratio "
                   f"{svc.config.get('max_error_ratio')}): {error_summary(pages)}")
+        log.warning("volume %s not finished: %s", adm.label, reason)
         retry_later(svc, adm, reason, nb_errors=errors, duration_ms=duration_ms)
         return Verdict.RETRY
     marker = {
@@ -225,13 +231,16 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
                           Body=success, ContentType="application/json")
         metrics.S3_WRITTEN.inc(len(table) + len(success))
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
-        retry_later(svc, adm, f"writing artifacts: {aws.error_code(exc)}: {exc}"[:500],
-                    nb_errors=errors, duration_ms=duration_ms)
+        reason = f"writing artifacts: {aws.error_code(exc)}: {exc}"[:500]
+        log.warning("volume %s not finished: %s", adm.label, reason)
+        retry_later(svc, adm, reason, nb_errors=errors, duration_ms=duration_ms)
         return Verdict.RETRY
     try:
         tasks.mark_done(svc.db, adm.task_id, len(pages), errors, duration_ms)
     except Unavailable as exc:
         # success.json is written: the next delivery sees it and repairs the DB row.
+        log.warning("volume %s not finished: recording done: %s (success.json is written: the "
+                    "next delivery repairs the database)", adm.label, exc)
         retry_later(svc, adm, f"recording done: {exc}", record=False)
         return Verdict.RETRY
     delete_message(svc, adm.message)
@@ -266,13 +275,20 @@ def release(svc: Services, adm: Admission, reason: str) -> None:
     set_visibility(svc, adm.message, 0)
 
 
+def sqs_text(text: str) -> str:
+    """Only the characters SQS accepts in a message or attribute (#x9 #xA #xD #x20–#xD7FF
+    #xE000–#xFFFD #x10000–#x10FFFF); anything else becomes U+FFFD."""
+    return "".join(c if (c in "\t\n\r" or " " <= c <= "\ud7ff" or "\ue000" <= c <= "\ufffd"
+                         or c >= "\U00010000") else "\ufffd" for c in text)
+
+
 def send_to_dlq(svc: Services, message: Received, reason: str, kind: str) -> None:
     """Straight to the DLQ with the reason (as a message attribute), then off the queue."""
     try:
         svc.sqs.send_message(QueueUrl=svc.dlq_url, MessageBody=message.body or "(empty)",
                              MessageAttributes={
-                                 "bec_reason": {"DataType": "String", "StringValue": reason[:1000] or "-"},
-                                 "bec_worker": {"DataType": "String", "StringValue": svc.worker_name or "-"},
+                                 "bec_reason": {"DataType": "String", "StringValue": sqs_text(reason[:1000]) or "-"},
+                                 "bec_worker": {"DataType": "String", "StringValue": sqs_text(svc.worker_name) or "-"},
                                  "bec_job": {"DataType": "String", "StringValue": svc.job_name},
                              })
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:

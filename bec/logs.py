@@ -39,7 +39,7 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = _scrub(value) if isinstance(value, str) else value
         if record.exc_info:
             entry["exception"] = _scrub(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)

@@ -10,6 +10,8 @@ Each test starts from empty tables and an empty moto (reset), so ids are predict
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,13 @@ SOURCE_BUCKET = "archive.tbrc.org"
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pgstack.Server]:
+def pg_server() -> Iterator[pgstack.Server]:
+    # Not under pytest's tmp folder: another pytest session resets it to 0700, which the
+    # `postgres` user running a private cluster could then no longer traverse.
+    home = Path(tempfile.mkdtemp(prefix="bec-test-pg-"))
+    home.chmod(0o711)
     server = pgstack.find_or_start(
-        tmp_path_factory.mktemp("pgdata"),
+        home / "pgdata",
         host=os.environ.get("BEC_TEST_SQL_HOST", "127.0.0.1"),
         port=int(os.environ.get("BEC_TEST_SQL_PORT", "5432")),
         user=os.environ.get("BEC_TEST_SQL_USER", "postgres"),
@@ -39,6 +45,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pgstack.Serv
     yield server
     if server.data_dir:
         pgstack.stop_private(server, mode="immediate")
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from rich.console import Console
 from bec import aws
 from bec.config import Settings
 from bec.db import Database
+from bec.ids import check_job_name
 
 def _width(stream: object) -> int | None:
     """Rich squeezes tables to 80 columns when piped; the guide's tables need more."""
@@ -71,3 +72,9 @@ class AppContext:
 
 
 pass_app = click.make_pass_decorator(AppContext)
+
+
+def valid_job_name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: a job name is checked while the command line is parsed, before any
+    service is contacted or anything is created."""
+    return None if value is None else check_job_name(value)

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bec import aws, jobs as jobstore, queues
-from bec.cli.context import AppContext, err, out, pass_app
+from bec.cli.context import AppContext, err, out, pass_app, valid_job_name
 from bec.errors import BadInput, BecError, Unavailable
 from bec.ids import check_job_name, queue_names
 from bec.jobkinds import validate_config
@@ -42,7 +42,7 @@ def read_config(config_file: str | None, config_text: str | None, job_name: str)
 
 
 @jobs.command("create")
-@click.option("--name", "name", required=True, help="Job name: letters, digits, '-' and '_'.")
+@click.option("--name", "name", required=True, callback=valid_job_name, help="Job name: letters, digits, '-' and '_'.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON config file.")
 @click.option("--config-text", help="JSON config given inline.")
 @click.option("--queue-url", help="Use this existing tasks queue instead of bec_{name}_tasks.")
@@ -97,11 +97,11 @@ def list_jobs(app: AppContext) -> None:
 
 
 @jobs.command("show")
-@click.argument("name")
+@click.argument("name", callback=valid_job_name)
 @pass_app
 def show(app: AppContext, name: str) -> None:
     """Show a job's queues and configuration."""
-    job = jobstore.get(app.db, check_job_name(name))
+    job = jobstore.get(app.db, name)
     out.print(f"Job {job.id}")
     out.print(f"Name: {job.name}")
     out.print(f"Queue URL: {job.queue_url}")
@@ -111,7 +111,7 @@ def show(app: AppContext, name: str) -> None:
 
 
 @jobs.command("update")
-@click.argument("name")
+@click.argument("name", callback=valid_job_name)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON config file.")
 @click.option("--config-text", help="JSON config given inline.")
 @pass_app
@@ -126,13 +126,13 @@ def update(app: AppContext, name: str, config_file: str | None, config_text: str
 
 
 @jobs.command("delete")
-@click.argument("name")
+@click.argument("name", callback=valid_job_name)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--delete-queues", is_flag=True, help="Also delete the job's SQS queues.")
 @pass_app
 def delete(app: AppContext, name: str, yes: bool, delete_queues: bool) -> None:
     """Delete a job and its task history (queues only with --delete-queues)."""
-    job = jobstore.get(app.db, check_job_name(name))
+    job = jobstore.get(app.db, name)
     if not yes:
         what = " and its SQS queues" if delete_queues else ""
         click.confirm(f"Delete job '{name}' (id={job.id}), its task history{what}?", abort=True)
@@ -172,7 +172,7 @@ def _totals_lines(db: Any, job: jobstore.Job) -> list[str]:
 
 
 @jobs.command("stats")
-@click.argument("name")
+@click.argument("name", callback=valid_job_name)
 @click.option("--watch", is_flag=True, help="Keep the view up to date, with pages/s and an ETA (Ctrl-C exits).")
 @click.option("--interval", type=click.FloatRange(0.1), default=5.0, show_default=True,
               help="Seconds between refreshes with --watch.")
@@ -182,7 +182,7 @@ def _totals_lines(db: Any, job: jobstore.Job) -> list[str]:
 def stats(app: AppContext, name: str, watch: bool, interval: float, iterations: int | None) -> None:
     """Task counts, images, errors and durations by status."""
     db = app.db
-    job = jobstore.get(db, check_job_name(name))
+    job = jobstore.get(db, name)
     if watch:
         _watch_stats(app, job, interval, iterations)
         return
@@ -287,14 +287,14 @@ def _volume_label(w_id: str, i_id: str, width: int = 17) -> str:
 
 
 @jobs.command("tasks")
-@click.argument("name")
+@click.argument("name", callback=valid_job_name)
 @click.option("--limit", type=click.IntRange(1, 100000), default=10, show_default=True)
 @click.option("--status", type=click.Choice(jobstore.STATUSES), default=None)
 @pass_app
 def tasks(app: AppContext, name: str, limit: int, status: str | None) -> None:
     """Recent task executions, newest first."""
     db = app.db
-    job = jobstore.get(db, check_job_name(name))
+    job = jobstore.get(db, name)
     out.print(f"Recent Task Executions: {job.name} (id={job.id})")
     out.print()
     table = Table()
@@ -357,7 +357,7 @@ def read_error_types(s3: Any, bucket: str, job: str,
 
 
 @jobs.command("errors")
-@click.argument("name")
+@click.argument("name", callback=valid_job_name)
 @click.option("--limit", type=click.IntRange(1, 100000), default=10, show_default=True,
               help="Failed tasks to list.")
 @click.option("--s3-dest-bucket", default=None, help="Bucket of the artifacts [env BEC_DEST_S3_BUCKET].")
@@ -365,7 +365,7 @@ def read_error_types(s3: Any, bucket: str, job: str,
 def errors(app: AppContext, name: str, limit: int, s3_dest_bucket: str | None) -> None:
     """Recent failed tasks, the most common failure reasons and page errors."""
     db = app.db
-    job = jobstore.get(db, check_job_name(name))
+    job = jobstore.get(db, name)
     out.print(f"Recent Failed Tasks: {job.name} (id={job.id})")
     out.print()
     table = Table()

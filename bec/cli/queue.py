@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bec import aws, jobs as jobstore, queues, volume_list
-from bec.cli.context import AppContext, err, out, pass_app
+from bec.cli.context import AppContext, err, out, pass_app, valid_job_name
 from bec.errors import BadInput
 from bec.ids import check_job_name
 
@@ -47,7 +47,7 @@ def _read_volumes(file: str | None, volumes: tuple[str, ...]) -> list[tuple[str,
 
 
 @queue.command("enqueue")
-@click.option("--job-name", required=True)
+@click.option("--job-name", required=True, callback=valid_job_name)
 @click.option("--file", "file", type=click.Path(dir_okay=False, allow_dash=True),
               help="Volume list: one 'W_ID,I_ID' or 'W_ID I_ID' per line, '#' comments ('-' = stdin).")
 @click.option("--volume", "volumes", multiple=True, metavar="W_ID,I_ID", help="A volume (repeatable).")
@@ -80,11 +80,11 @@ def _when(epoch: str | None) -> str:
 
 
 @queue.command("stats")
-@click.option("--job-name", required=True)
+@click.option("--job-name", required=True, callback=valid_job_name)
 @pass_app
 def stats(app: AppContext, job_name: str) -> None:
     """Message counts of the job's queue (and its DLQ)."""
-    job = jobstore.get(app.db, check_job_name(job_name))
+    job = jobstore.get(app.db, job_name)
     sqs = app.sqs
     with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
         attrs = queues.queue_attributes(sqs, job.queue_url)
@@ -102,13 +102,13 @@ def stats(app: AppContext, job_name: str) -> None:
 
 
 @queue.command("purge")
-@click.option("--job-name", required=True)
+@click.option("--job-name", required=True, callback=valid_job_name)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--dlq", "purge_dlq", is_flag=True, help="Purge the job's DLQ instead of its tasks queue.")
 @pass_app
 def purge(app: AppContext, job_name: str, yes: bool, purge_dlq: bool) -> None:
     """Delete every message of the job's queue (irreversible)."""
-    job = jobstore.get(app.db, check_job_name(job_name))
+    job = jobstore.get(app.db, job_name)
     url = job.dlq_url if purge_dlq else job.queue_url
     if not yes:
         click.confirm(f"Delete ALL messages of {queues.queue_name_of(url)}? This is irreversible",
@@ -120,7 +120,7 @@ def purge(app: AppContext, job_name: str, yes: bool, purge_dlq: bool) -> None:
 
 
 @queue.command("redrive")
-@click.option("--job-name", help="Move every message of this job's DLQ back to its tasks queue.")
+@click.option("--job-name", callback=valid_job_name, help="Move every message of this job's DLQ back to its tasks queue.")
 @click.option("--source-queue-url", help="Queue to take messages from (usually a DLQ).")
 @click.option("--dest-queue-url", help="Queue to send them to.")
 @click.option("--max-messages", type=click.IntRange(1), default=None,
@@ -132,7 +132,7 @@ def redrive(app: AppContext, job_name: str | None, source_queue_url: str | None,
     if job_name:
         if source_queue_url or dest_queue_url:
             raise BadInput("give either --job-name or --source-queue-url/--dest-queue-url")
-        job = jobstore.get(app.db, check_job_name(job_name))
+        job = jobstore.get(app.db, job_name)
         source_queue_url, dest_queue_url = job.dlq_url, job.queue_url
     elif not (source_queue_url and dest_queue_url):
         raise BadInput("give --job-name, or both --source-queue-url and --dest-queue-url")

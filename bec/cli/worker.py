@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from bec import aws, jobs as jobstore, queues, tasks
-from bec.cli.context import AppContext, pass_app
+from bec.cli.context import AppContext, pass_app, valid_job_name
 from bec.errors import BadInput
 from bec.ids import check_job_name
 from bec.jobkinds import LDV1, kind_of
@@ -48,7 +48,7 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
 
 
 @click.command("worker")
-@click.option("--job-name", required=True, help="Job name (required).")
+@click.option("--job-name", required=True, callback=valid_job_name, help="Job name (required).")
 @click.option("--poll-wait", type=click.IntRange(0, 20), default=None,
               help="SQS long-poll wait in seconds [default: 20; env BEC_POLL_WAIT].")
 @click.option("--visibility-timeout", type=click.IntRange(1, 43200), default=None,

@@ -3,13 +3,16 @@
 Tests and the local stack prefer a server already answering (CI machines have one on
 127.0.0.1:5432 with trust auth). Where none answers, a private cluster is created with
 ``initdb`` in a data folder and started with ``pg_ctl`` on a free port; as root this runs
-as the ``postgres`` user, because initdb refuses root.
+as the ``postgres`` user, because initdb refuses root (and the folders above the data
+folder get the "x" bit for others where they lack it — traverse only, no listing — or the
+``postgres`` user could not reach it: pytest's and mktemp's folders are 0700).
 """
 from __future__ import annotations
 
 import glob
 import os
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -53,25 +56,47 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def start_private(data_dir: Path, port: int | None = None) -> Server:
-    """initdb (once) and start a private cluster listening on 127.0.0.1 only."""
+def _let_postgres_reach(data_dir: Path) -> None:
+    """As root: the postgres user must be able to traverse every folder above ``data_dir``."""
+    for parent in data_dir.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if done.returncode:
+        detail = done.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"{what} failed (exit {done.returncode})"
+                           + (f": {detail[-1]}" if detail else ""))
+
+
+def start_private(data_dir: Path, port: int | None = None,
+                  settings: dict[str, str | int] | None = None) -> Server:
+    """initdb (once) and start a private cluster listening on 127.0.0.1 only.
+
+    ``settings`` are extra server settings (``-c name=value``), e.g. ``max_connections``;
+    give them again when restarting the same data folder.
+    """
     initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
     if not initdb or not pg_ctl:
         raise RuntimeError("no PostgreSQL answers and its server binaries (initdb, pg_ctl) are "
                            "not installed: apt-get install postgresql, or set BEC_SQL_* to a server")
     data_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
+        _let_postgres_reach(data_dir)
         shutil.chown(data_dir, "postgres", "postgres")
     port = port or free_port()
     if not (data_dir / "PG_VERSION").exists():
-        subprocess.run(_as_postgres([initdb, "-D", str(data_dir), "-U", "postgres",
-                                     "--auth=trust", "-E", "UTF8"]),
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _run(_as_postgres([initdb, "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
+             f"initdb in {data_dir}")
     server = Server("127.0.0.1", port, "postgres", data_dir=data_dir)
-    subprocess.run(_as_postgres([pg_ctl, "-D", str(data_dir), "-l", str(data_dir / "server.log"),
-                                 "-o", f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1",
-                                 "-w", "-t", "30", "start"]),
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    options = f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1"
+    for name, value in (settings or {}).items():
+        options += f" -c {name}={value}"
+    _run(_as_postgres([pg_ctl, "-D", str(data_dir), "-l", str(data_dir / "server.log"),
+                       "-o", options, "-w", "-t", "30", "start"]), f"pg_ctl start in {data_dir}")
     deadline = time.monotonic() + 30
     while not server.answers():
         if time.monotonic() > deadline:

@@ -40,7 +40,8 @@ def render(kind: str, rng: np.random.Generator, width: int | None = None,
 def put_manifest(s3: Any, bucket: str, w_id: str, i_id: str, entries: Sequence[dict[str, Any]],
                  raw: bytes | None = None) -> str:
     """Write ``dimensions.json`` (gzip'd JSON unless ``raw`` is given); returns its version."""
-    body = raw if raw is not None else gzip.compress(json.dumps(list(entries)).encode())
+    # mtime=0: the same entries give the same bytes, hence the same ETag (version)
+    body = raw if raw is not None else gzip.compress(json.dumps(list(entries)).encode(), mtime=0)
     answer = s3.put_object(Bucket=bucket, Key=volume_prefix(w_id, i_id) + MANIFEST, Body=body)
     return answer["ETag"].strip('"')[:6]
 

@@ -174,8 +174,8 @@ def _draw_content(rng: np.random.Generator, ink: np.ndarray, mask: np.ndarray,
         gh = glyph_h * rng.uniform(0.92, 1.08)
         x0 = x_text0 + rng.uniform(0.0, 0.02) * block_w
         x1 = x_text1 - rng.uniform(0.0, 0.02) * block_w
-        if i == n - 1 and short_last:
-            x1 = x0 + (x1 - x0) * rng.uniform(0.25, 0.9)
+        if i == n - 1 and short_last:      # still ≥ 10 glyph heights: never a "note"
+            x1 = x0 + max((x1 - x0) * rng.uniform(0.25, 0.9), min(x1 - x0, 10 * gh))
         line_strokes, xs, xe = _text_line(rng, x0, x1, top, gh)
         strokes += line_strokes
         bands.append([(xs, top), (xe, top), (xe, top + gh), (xs, top + gh)])
@@ -346,19 +346,21 @@ def _margin_note(rng: np.random.Generator, w: int, margin_x: float, top0: float,
 
     A note is only placed where at least three glyph heights of paper separate it from
     the text (or it sits beyond the frame): closer than that, whether it belongs to the
-    line would be a matter of taste, and the label must not be.
+    line would be a matter of taste, and the label must not be. It also keeps three
+    glyph heights from the left page edge, which is a tile edge: there, a few glyphs
+    look exactly like the tail of a line that a tile seam cut off, which is a line.
     """
     k = int(rng.integers(1, 4))
     gh2 = gh * rng.uniform(0.6, 0.9)
     width = k * gh2 * 0.8
     left_room = left_limit - 3 * gh - width
     top_room = top0 - 3.5 * gh - gh2
-    if top_room > gh2 and (left_room < 4 or rng.random() < 0.5):        # top margin
+    if top_room > gh2 and (left_room < 3 * gh or rng.random() < 0.5):   # top margin
         y = rng.uniform(gh2 * 0.6, top_room)
         x = rng.uniform(margin_x, w - margin_x - width)
-    elif left_room >= 4:                                               # left margin
+    elif left_room >= 3 * gh:                                          # left margin
         y = rng.uniform(top0, top0 + block_h - gh2)
-        x = rng.uniform(2.0, left_room)
+        x = rng.uniform(3 * gh, left_room)
     else:
         return []
     gx = x + np.arange(k, dtype=np.float32) * gh2 * 0.8
@@ -389,8 +391,13 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     return cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC) * 0.5
 
 
-def _paper(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Paper tone with gradient, mottling and stains, built at 1/8 scale and upsampled."""
+def _paper(rng: np.random.Generator, h: int, w: int, max_stain: float) -> np.ndarray:
+    """Paper tone with gradient, mottling and stains, built at 1/8 scale and upsampled.
+
+    ``max_stain`` bounds how much a stain darkens the paper: a fax scanner's fixed cut
+    turns a deep stain into a field of black noise that hides the text itself, which
+    no line detector could be asked to see through.
+    """
     lh, lw = h // 8 + 1, w // 8 + 1
     yy, xx = np.mgrid[0:lh, 0:lw].astype(np.float32)
     tone = rng.uniform(165.0, 240.0)
@@ -401,7 +408,7 @@ def _paper(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     for _ in range(int(rng.integers(0, 5))):
         centre = (int(rng.uniform(0, lw)), int(rng.uniform(0, lh)))
         axes = (int(rng.uniform(3, 40)), int(rng.uniform(3, 25)))
-        level = float(rng.uniform(0.05, 0.3))
+        level = float(rng.uniform(0.05, max_stain))
         fill = -1 if rng.random() < 0.7 else max(1, axes[1] // 4)      # blot or tide ring
         cv2.ellipse(stains, centre, axes, float(rng.uniform(0, 180)), 0, 360, level, fill)
     if stains.any():
@@ -413,7 +420,7 @@ def _paper(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def _render(rng: np.random.Generator, ink: np.ndarray, style: str) -> np.ndarray:
     """Composite ink on paper; bilevel pages are then binarised like a fax scan."""
     h, w = ink.shape
-    paper = _paper(rng, h, w)
+    paper = _paper(rng, h, w, 0.3 if style == "gray" else 0.12)
     strength = rng.uniform(0.6, 0.92)
     fade = strength * (1.0 - rng.uniform(0.0, 0.3) * np.abs(_smooth_noise(rng, (h // 8 + 1, w // 8 + 1), 8)))
     fade = cv2.resize(fade, (w, h), interpolation=cv2.INTER_LINEAR)

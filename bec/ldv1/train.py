@@ -262,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--minutes", type=float, default=9.0)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="wall-clock cap; the learning rate anneals by whichever of "
+                             "steps and minutes runs out first")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=str, default="256x512", help="HxW, multiples of 32")
     parser.add_argument("--lr", type=float, default=3e-3)

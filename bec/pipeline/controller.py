@@ -28,7 +28,7 @@ import numpy as np
 from bec import aws, lifecycle, metrics
 from bec.artifacts import PageOutcome
 from bec.db import Database
-from bec.errors import BadInput, PoisonMessage
+from bec.errors import BadInput, BecError
 from bec.lifecycle import Admission, Received, Verdict
 from bec.localarchive import source_client
 from bec.pipeline import slots as S
@@ -52,10 +52,15 @@ class VolumeRun:
     todo: collections.deque[int]
     visible_until: float
     finishing: bool = False
+    remaining: int = -1  # pages without an outcome yet
+
+    def __post_init__(self) -> None:
+        if self.remaining < 0:
+            self.remaining = len(self.outcomes)
 
     @property
     def complete(self) -> bool:
-        return all(o is not None for o in self.outcomes)
+        return self.remaining == 0
 
 
 @dataclass
@@ -102,6 +107,8 @@ class Controller:
         self.stopping = False
         self.empty_polls = 0
         self.unseen = 0  # received by the receiver thread, not yet taken in by the main loop
+        self.database_down = False
+        self.next_db_probe = 0.0
         self.counters = Counters()
         self.admit_pool = ThreadPoolExecutor(2, thread_name_prefix="admit")
         self.finish_pool = ThreadPoolExecutor(2, thread_name_prefix="finish")
@@ -191,6 +198,7 @@ class Controller:
     def _record(self, vol: VolumeRun, page: int, outcome: PageOutcome) -> None:
         if vol.outcomes[page] is None:
             vol.outcomes[page] = outcome
+            vol.remaining -= 1
             self.counters.pages += 1
             self.counters.page_errors += int(not outcome.ok)
             metrics.PAGES.labels("ok" if outcome.ok else "error").inc()
@@ -286,10 +294,26 @@ class Controller:
         in_flight = len(self.volumes) + len(self.admitting) + self.unseen
         if self.draining or self.stopping or in_flight >= self.p.max_volumes_in_flight:
             return 0
+        if self.database_down and not self._database_back():
+            return 0  # every message received now would burn one of its receives
         queued_pages = sum(len(v.todo) for v in self.volumes.values())
         if queued_pages > 2 * len(self.table):
             return 0  # enough pages are waiting for slots already
         return min(10, self.p.max_volumes_in_flight - in_flight)
+
+    def _database_back(self) -> bool:
+        """While PostgreSQL is unreachable, probe it (every few seconds) before receiving."""
+        now = time.monotonic()
+        if now < self.next_db_probe:
+            return False
+        self.next_db_probe = now + 5.0
+        try:
+            self.db.row("SELECT 1 AS ok")
+        except BecError:
+            return False
+        log.info("PostgreSQL answers again: receiving resumes")
+        self.database_down = False
+        return True
 
     def receiver(self) -> None:
         pause = 1.0
@@ -311,8 +335,11 @@ class Controller:
                 time.sleep(pause)
                 pause = min(pause * 2, 60.0)
                 continue
+            received = [Received.from_sqs(m) for m in got]
+            for message in received:  # the supervisor releases them if this process dies
+                self.ctx.mailbox.send("supervisor", Track(message.receipt, 0))
             self.unseen += len(got)
-            self.events.put(("received", [Received.from_sqs(m) for m in got], time.monotonic()))
+            self.events.put(("received", received, time.monotonic()))
 
     def on_received(self, messages: list[Received], at: float) -> None:
         self.unseen -= len(messages)
@@ -324,13 +351,16 @@ class Controller:
         for message in messages:
             if self.draining or self.stopping:
                 lifecycle.set_visibility(self.svc, message, 0)
+                self.ctx.mailbox.send("supervisor", Untrack(message.receipt))
                 continue
             try:
                 label = lifecycle.parse_body(message.body)
-            except PoisonMessage:
+            except Exception:  # poison (or worse): admission routes it to the DLQ
                 label = None
             if label and (label in self.admitting or label in self.active_labels):
-                continue  # a duplicate of a volume we hold: it returns later and is skipped
+                # a duplicate of a volume we hold: it returns later and is skipped
+                self.ctx.mailbox.send("supervisor", Untrack(message.receipt))
+                continue
             if label:
                 self.admitting.add(label)
             self.admit_pool.submit(self._admit, message, label, at)
@@ -350,6 +380,7 @@ class Controller:
         self.counters.by_verdict[adm.verdict.value] += 1
         if adm.verdict is not Verdict.ADMITTED:
             metrics.VOLUMES.labels(adm.verdict.value).inc()
+            self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))
         mid = adm.message.message_id
         if adm.verdict is Verdict.POISON:
             self.counters.poison += 1
@@ -359,6 +390,10 @@ class Controller:
             log.warning("Volume %s failed terminally (message %s to the DLQ): %s", adm.label, mid, adm.reason)
         elif adm.verdict is Verdict.RETRY:
             log.warning("Volume %s will be retried (message %s): %s", adm.label, mid, adm.reason)
+            if adm.database_down and not self.database_down:
+                self.database_down = True
+                self.next_db_probe = time.monotonic() + 5.0
+                log.warning("PostgreSQL is unreachable: no new messages until it answers")
         elif adm.verdict is Verdict.ALREADY_DONE:
             self.counters.volumes_skipped += 1
             log.info("Volume %s is already done; message %s deleted", adm.label, mid)
@@ -366,6 +401,7 @@ class Controller:
             log.info("Volume %s is done or running elsewhere; message %s left to SQS", adm.label, mid)
         elif self.draining or self.stopping:
             lifecycle.release(self.svc, adm, "released: worker shutting down")
+            self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))
         else:
             key = self.next_key
             self.next_key += 1

@@ -83,7 +83,7 @@ class Supervisor:
         self.mp = multiprocessing.get_context("spawn")
         self.mailbox = Mailbox(pipeline.namespace, "supervisor")
         self.children = {role: Child(role) for role in pipeline.roles if role != "supervisor"}
-        self.ledger: dict[str, int] = {}  # receipt → task id, held by the controller
+        self.ledger: dict[str, int] = {}  # receipt → task id (0 until claimed), held by the controller
         self.signals = 0
         self.finished: str | None = None
         self.fatal: str | None = None
@@ -138,10 +138,11 @@ class Supervisor:
                                                    VisibilityTimeout=0)
             except Exception as exc:  # the message may be deleted already
                 log.debug("release of a message failed: %s", exc)
-            try:
-                tasks.mark_failed(self.db, task_id, terminal=False, reason=reason)
-            except Unavailable as exc:
-                log.warning("could not mark task %d retryable: %s", task_id, exc)
+            if task_id:
+                try:
+                    tasks.mark_failed(self.db, task_id, terminal=False, reason=reason)
+                except Unavailable as exc:
+                    log.warning("could not mark task %d retryable: %s", task_id, exc)
             self.ledger.pop(receipt, None)
 
     # -- heartbeat -----------------------------------------------------------------------------
