@@ -11,19 +11,11 @@ from bec.archive import volume_prefix
 from bec.devstack.volumes import put_manifest
 from bec.ldv1.preprocess import frame_size
 from conftest import SOURCE_BUCKET
-from workerkit import (add_volumes, enqueue, manifest, queue_counts, read_parquet, read_success,
-                       run_worker, send, setup_job, shm_entries, start_worker, tasks)
+from workerkit import (no_shm_leak,  # noqa: F401 - fixture
+                       add_volumes, enqueue, manifest, queue_counts, read_parquet, read_success,
+                       run_worker, send, setup_job, start_worker, tasks)
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def no_shm_leak():
-    before = shm_entries()
-    yield
-    time.sleep(0.5)
-    leaked = {e for e in shm_entries() - before if not e.startswith("PostgreSQL")}
-    assert not leaked, f"/dev/shm entries left behind: {leaked}"
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
 
 
 def assert_volume_done(stack, w, i, pages):

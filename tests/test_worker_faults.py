@@ -8,19 +8,11 @@ import time
 import psutil
 import pytest
 
-from workerkit import (add_repeated_volume, add_volumes, enqueue, queue_counts, read_parquet, run_worker, setup_job,
-                       shm_entries, start_worker, tasks)
+from workerkit import (no_shm_leak,  # noqa: F401 - fixture
+                       add_repeated_volume, add_volumes, enqueue, queue_counts, read_parquet, run_worker, setup_job,
+                       start_worker, tasks)
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def no_shm_leak():
-    before = shm_entries()
-    yield
-    time.sleep(0.5)
-    leaked = {e for e in shm_entries() - before if not e.startswith("PostgreSQL")}
-    assert not leaked, f"/dev/shm entries left behind: {leaked}"
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
 
 
 def assert_all_done_once(stack, vols, pages):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import pyarrow.parquet as pq
 
 from bec import artifacts
@@ -27,6 +28,16 @@ JOB = "ldv1"
 
 def shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm"))
+
+
+@pytest.fixture
+def no_shm_leak():
+    """Whatever the test does to a worker, no shared-memory segment may stay behind."""
+    before = shm_entries()
+    yield
+    time.sleep(0.5)
+    leaked = {e for e in shm_entries() - before if not e.startswith("PostgreSQL")}
+    assert not leaked, f"/dev/shm entries left behind: {leaked}"
 
 
 def setup_job(stack: Stack, config: dict[str, Any] | None = None, job: str = JOB) -> dict[str, str]:

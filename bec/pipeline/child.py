@@ -16,11 +16,11 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from bec.errors import BadInput
-from bec.pipeline.messages import Fatal, Mailbox, Ready
-from bec.pipeline.slots import SlotLayout, SlotPool, SharedFd
+from bec.pipeline.messages import Fatal, Mailbox, Message, PageFailed, Ready, Stop
+from bec.pipeline.slots import DONE, SharedFd, SlotLayout, SlotPool
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -94,6 +94,39 @@ class ChildContext:
 
     def parent_alive(self) -> bool:
         return os.getppid() == self.spec.parent_pid
+
+    def hand_over(self, slot: int, gen: int, state: int, role: str, msg: Message) -> bool:
+        """Pass a slot to the process of ``role``: ownership first, then the message.
+
+        Ownership is written before sending so that, if either process dies in between,
+        the controller finds the slot's holder dead and redoes the page. Returns False
+        (and does nothing) when the slot was taken back meanwhile (stale generation).
+        """
+        row = self.slots.table[slot]
+        if int(row["gen"]) != gen:
+            return False
+        row["owner"] = self.pid_of(role)
+        row["state"] = state
+        self.mailbox.send(role, msg)
+        return True
+
+    def fail_page(self, slot: int, gen: int, stage: str, error: str, text: str) -> None:
+        """A per-page error: the slot goes back to the controller with the reason."""
+        self.hand_over(slot, gen, DONE, "controller", PageFailed(slot, gen, stage, error, text[:1000]))
+
+    def inbox(self, timeout: float = 1.0, on_idle: Callable[[], None] | None = None) -> Iterator[Message]:
+        """Messages until ``Stop`` arrives or the supervisor is gone."""
+        while True:
+            msg = self.mailbox.recv(timeout=timeout)
+            if msg is None:
+                if on_idle is not None:
+                    on_idle()
+                if not self.parent_alive():
+                    return
+                continue
+            if isinstance(msg, Stop):
+                return
+            yield msg
 
     def ready(self) -> None:
         """Tell the supervisor this process is initialised (model loaded, warmed up…)."""

@@ -20,7 +20,7 @@ from bec.localarchive import source_client
 from bec.ldv1.preprocess import adaptive_threshold_into, frame_size
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
-from bec.pipeline.messages import Fetch, FrameReady, PageFailed, Stop
+from bec.pipeline.messages import Fetch, FrameReady
 
 
 def frame_for(config: dict[str, Any], area_bytes: int):
@@ -55,10 +55,10 @@ class Fetcher:
         try:
             self._process(msg)
         except PageError as exc:
-            self._fail(msg, exc.stage, exc.kind, str(exc))
+            self.ctx.fail_page(msg.slot, msg.gen, exc.stage, exc.kind, str(exc))
         except Exception as exc:  # an unexpected bug must not take the process down
             self.ctx.log.exception("fetch of %s failed unexpectedly", msg.key)
-            self._fail(msg, "decode", "internal_error", f"{type(exc).__name__}: {exc}")
+            self.ctx.fail_page(msg.slot, msg.gen, "decode", "internal_error", f"{type(exc).__name__}: {exc}")
 
     def _process(self, msg: Fetch) -> None:
         pool, slot = self.ctx.slots, msg.slot
@@ -81,7 +81,8 @@ class Fetcher:
         row["fetch_ms"], row["decode_ms"] = (t1 - t0) * 1000, (t2 - t1) * 1000
         row["nbytes"] = len(data)
         row["etag"] = etag.encode()[:S.ETAG_BYTES]
-        self._forward(msg)
+        role = f"infer-{msg.slot % self.ctx.pipeline.n_infer}"
+        self.ctx.hand_over(slot, msg.gen, S.INFER, role, FrameReady(slot, msg.gen))
 
     def _get(self, bucket: str, key: str) -> tuple[bytes, str]:
         try:
@@ -94,38 +95,12 @@ class Fetcher:
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
             raise PageError("fetch", "s3_error", f"GET s3://{bucket}/{key}: {type(exc).__name__}: {exc}") from None
 
-    def _forward(self, msg: Fetch) -> None:
-        """Hand the slot to an inference process (ownership first, then the message)."""
-        p = self.ctx.pipeline
-        role = f"infer-{msg.slot % p.n_infer}"
-        row = self.ctx.slots.table[msg.slot]
-        row["owner"] = self.ctx.pid_of(role)
-        row["state"] = S.INFER
-        self.ctx.mailbox.send(role, FrameReady(msg.slot, msg.gen))
-
-    def _fail(self, msg: Fetch, stage: str, kind: str, text: str) -> None:
-        row = self.ctx.slots.table[msg.slot]
-        if int(row["gen"]) != msg.gen:
-            return
-        row["owner"] = self.ctx.pid_of("controller")
-        row["state"] = S.DONE
-        self.ctx.mailbox.send("controller", PageFailed(msg.slot, msg.gen, stage, kind, text[:1000]))
-
-
-
 
 def run(ctx: ChildContext) -> None:
     fetcher = Fetcher(ctx)
     ctx.ready()
     with ThreadPoolExecutor(max_workers=ctx.pipeline.fetch_threads,
                             thread_name_prefix=ctx.spec.role) as threads:
-        while True:
-            msg = ctx.mailbox.recv(timeout=1.0)
-            if msg is None:
-                if not ctx.parent_alive():
-                    return
-                continue
-            if isinstance(msg, Stop):
-                return
+        for msg in ctx.inbox():
             if isinstance(msg, Fetch):
                 threads.submit(fetcher.handle, msg)

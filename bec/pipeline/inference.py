@@ -20,7 +20,7 @@ from bec.ldv1 import preprocess_torch as PT
 from bec.ldv1.segmenter import Segmenter, load_segmenter, warm_up
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
-from bec.pipeline.messages import FrameReady, MaskReady, PageFailed, Stop
+from bec.pipeline.messages import FrameReady, MaskReady, Stop
 
 GATHER_WAIT_S = 0.002  # how long to wait for more pages once a batch has started
 
@@ -110,7 +110,7 @@ class Inference:
         except Exception as exc:  # a failed batch fails its pages, not the process
             self.ctx.log.exception("inference batch of %d pages failed", len(pages))
             for page in pages:
-                self._fail(page, f"{type(exc).__name__}: {exc}")
+                self.ctx.fail_page(page.slot, page.gen, "infer", "inference_error", f"{type(exc).__name__}: {exc}")
             return
         elapsed = time.perf_counter() - started
         self.busy_s += elapsed
@@ -129,7 +129,8 @@ class Inference:
             out = self.ctx.slots.mask(page.slot, page.height, page.width)
             out[...] = P.stitch(page_masks, page.rows, page.cols, page.height, page.width)
             row["infer_ms"] = row["infer_ms"] + elapsed * 1000 * count / n_tiles
-            self._forward(page)
+            role = f"post-{page.slot % self.ctx.pipeline.n_post}"
+            self.ctx.hand_over(page.slot, page.gen, S.POST, role, MaskReady(page.slot, page.gen))
 
     def _segment(self, chunk: torch.Tensor) -> torch.Tensor:
         """On a GPU, pad the batch to a few fixed sizes (white tiles) so cuDNN's plans and
@@ -153,23 +154,6 @@ class Inference:
         if self.on_gpu:
             metrics.ACCEL_MEMORY.labels(self.device_label).set(torch.cuda.memory_allocated(self.seg.device))
         self._window = (now, self.busy_s)
-
-    def _forward(self, page: Page) -> None:
-        p = self.ctx.pipeline
-        role = f"post-{page.slot % p.n_post}"
-        row = self.ctx.slots.table[page.slot]
-        row["owner"] = self.ctx.pid_of(role)
-        row["state"] = S.POST
-        self.ctx.mailbox.send(role, MaskReady(page.slot, page.gen))
-
-    def _fail(self, page: Page, text: str) -> None:
-        row = self.ctx.slots.table[page.slot]
-        if int(row["gen"]) != page.gen:
-            return
-        row["owner"] = self.ctx.pid_of("controller")
-        row["state"] = S.DONE
-        self.ctx.mailbox.send("controller", PageFailed(page.slot, page.gen, "infer", "inference_error",
-                                                       text[:1000]))
 
 
 def build_segmenter(ctx: ChildContext) -> Segmenter:
@@ -195,17 +179,8 @@ def run(ctx: ChildContext) -> None:
     engine = Inference(ctx, segmenter)
     ctx.ready()
     idle_since = time.perf_counter()
-    while True:
-        msg = ctx.mailbox.recv(timeout=1.0)
-        if msg is not None:
-            metrics.INFER_WAIT.observe(time.perf_counter() - idle_since)
-        if msg is None:
-            engine.report_busy()
-            if not ctx.parent_alive():
-                return
-            continue
-        if isinstance(msg, Stop):
-            return
+    for msg in ctx.inbox(on_idle=engine.report_busy):
+        metrics.INFER_WAIT.observe(time.perf_counter() - idle_since)
         if not isinstance(msg, FrameReady):
             continue
         pages, stop = engine.gather(msg)

@@ -13,7 +13,7 @@ from bec.ldv1.postprocess import find_lines, needs_second_pass, rotate_frame
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
 from bec.ldv1.preprocess import adaptive_threshold_into
-from bec.pipeline.messages import FrameReady, MaskReady, PageDone, PageFailed, Stop
+from bec.pipeline.messages import FrameReady, MaskReady, PageDone
 from bec.pipeline.slots import encode_result
 
 
@@ -36,7 +36,7 @@ class Post:
                                rotation=rotation)
         except Exception as exc:
             self.ctx.log.exception("post-processing failed")
-            self._fail(msg, f"{type(exc).__name__}: {exc}")
+            self.ctx.fail_page(msg.slot, msg.gen, "post", "postprocess_error", f"{type(exc).__name__}: {exc}")
             return
         if pass_no == 1 and abs(lines.angle) >= self.second_pass_angle and needs_second_pass(lines.angle):
             self._second_pass(msg, lines.angle, h, w)
@@ -45,15 +45,14 @@ class Post:
         skew = rotation if pass_no == 2 else lines.angle
         payload = encode_result(lines.contours, lines.boxes, rotation, skew)
         if len(payload) > pool.layout.area_bytes:
-            self._fail(msg, f"{len(lines.contours)} contours do not fit a slot")
+            self.ctx.fail_page(msg.slot, msg.gen, "post", "postprocess_error",
+                               f"{len(lines.contours)} contours do not fit a slot")
             return
         if int(row["gen"]) != msg.gen:
             return
         pool.write_result(msg.slot, payload)
         row["post_ms"] = row["post_ms"] + (time.perf_counter() - started) * 1000
-        row["owner"] = self.ctx.pid_of("controller")
-        row["state"] = S.DONE
-        self.ctx.mailbox.send("controller", PageDone(msg.slot, msg.gen))
+        self.ctx.hand_over(msg.slot, msg.gen, S.DONE, "controller", PageDone(msg.slot, msg.gen))
 
     def _second_pass(self, msg: MaskReady, angle: float, h: int, w: int) -> None:
         pool = self.ctx.slots
@@ -65,32 +64,13 @@ class Post:
         row["binary_ready"] = int(self.threshold_in_fetch)
         row["pass_no"] = 2
         row["rotation"] = angle
-        p = self.ctx.pipeline
-        role = f"infer-{msg.slot % p.n_infer}"
-        row["owner"] = self.ctx.pid_of(role)
-        row["state"] = S.INFER
-        self.ctx.mailbox.send(role, FrameReady(msg.slot, msg.gen))
-
-    def _fail(self, msg: MaskReady, text: str) -> None:
-        row = self.ctx.slots.table[msg.slot]
-        if int(row["gen"]) != msg.gen:
-            return
-        row["owner"] = self.ctx.pid_of("controller")
-        row["state"] = S.DONE
-        self.ctx.mailbox.send("controller", PageFailed(msg.slot, msg.gen, "post", "postprocess_error",
-                                                       text[:1000]))
+        role = f"infer-{msg.slot % self.ctx.pipeline.n_infer}"
+        self.ctx.hand_over(msg.slot, msg.gen, S.INFER, role, FrameReady(msg.slot, msg.gen))
 
 
 def run(ctx: ChildContext) -> None:
     post = Post(ctx)
     ctx.ready()
-    while True:
-        msg = ctx.mailbox.recv(timeout=1.0)
-        if msg is None:
-            if not ctx.parent_alive():
-                return
-            continue
-        if isinstance(msg, Stop):
-            return
+    for msg in ctx.inbox():
         if isinstance(msg, MaskReady):
             post.handle(msg)
