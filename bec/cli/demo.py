@@ -37,6 +37,16 @@ def _bec(*args: str, log: Path | None = None, check: bool = True) -> subprocess.
     return subprocess.run([exe, *args], check=check)
 
 
+def _drain_leftovers(state: stack.StackState) -> None:
+    """Messages an interrupted earlier demo left in the (reused) queue would be processed too.
+    (PurgeQueue is refused within 60 s of the last one, so re-runs delete them one by one.)"""
+    sqs = boto3.client("sqs", region_name=stack.REGION, endpoint_url=state.moto_url)
+    url = sqs.get_queue_url(QueueName=f"bec_{JOB}_tasks")["QueueUrl"]
+    while batch := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
+        sqs.delete_message_batch(QueueUrl=url, Entries=[
+            {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(batch)])
+
+
 @click.command("demo")
 @click.option("--volumes", "n_volumes", type=click.IntRange(1, len(VOLUMES)), default=3, show_default=True)
 @click.option("--pages", type=click.IntRange(1, 200), default=4, show_default=True, help="Pages per volume.")
@@ -73,7 +83,7 @@ def command(n_volumes: int, pages: int, procs: int, out_dir: str, model_path: st
             s3.delete_object(Bucket=stack.DEST_BUCKET, Key=obj["Key"])
     _bec("jobs", "create", "--name", JOB, "--config-text",
          '{"use_gpu": false, "precision": "fp32", "batch_size": 8, "max_tiles_per_batch": 16}')
-    _bec("queue", "purge", "--job-name", JOB, "--yes")
+    _drain_leftovers(state)
 
     out.print("4. Enqueue")
     _bec("queue", "enqueue", "--job-name", JOB, *[a for w, i in volumes for a in ("--volume", f"{w},{i}")])
