@@ -68,11 +68,17 @@ def page_for_seed(seed: int, style: str | None = None) -> SynthPage:
 
 
 def generate_page(rng: np.random.Generator, style: str = "gray",
-                  width: int | None = None, height: int | None = None) -> SynthPage:
-    """Draw one page; everything random comes from ``rng`` (same state, same page)."""
+                  width: int | None = None, height: int | None = None, *,
+                  wide_share: float = 0.85) -> SynthPage:
+    """Draw one page; everything random comes from ``rng`` (same state, same page).
+
+    Without a size, a page is a wide pecha with probability ``wide_share`` and an
+    ordinary book page otherwise (training asks for more of the latter: they are the
+    harder case, with tile seams in both directions).
+    """
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    w, h = _page_size(rng, width, height)
+    w, h = _page_size(rng, width, height, wide_share)
     wide = w > _WIDE_RATIO * h
     scale = _TILE / h if wide else min(1.0, 4096 / w, 2048 / h)   # original → frame
     ink = np.zeros((h, w), np.uint8)
@@ -85,11 +91,11 @@ def generate_page(rng: np.random.Generator, style: str = "gray",
 
 # --------------------------------------------------------------------------- geometry
 
-def _page_size(rng: np.random.Generator, width: int | None,
-               height: int | None) -> tuple[int, int]:
+def _page_size(rng: np.random.Generator, width: int | None, height: int | None,
+               wide_share: float) -> tuple[int, int]:
     if width is not None and height is not None:
         return int(width), int(height)
-    if rng.random() < 0.85:                                    # pecha: wide
+    if rng.random() < wide_share:                              # pecha: wide
         h = int(rng.integers(500, 801)) if height is None else int(height)
         lo = max(1800, int(_WIDE_RATIO * h) + 1)
         w = int(rng.integers(lo, max(lo, 2600) + 1)) if width is None else int(width)
@@ -150,20 +156,21 @@ def _draw_content(rng: np.random.Generator, ink: np.ndarray, mask: np.ndarray,
     top_room = top0 - (block_w / 2) * sin_a
     pad = max(0.0, min(pitch * rng.uniform(0.35, 0.7), 0.7 * margin_x, 0.7 * top_room))
     frame_t = max(1, round(rng.uniform(1.0, 3.5) / max(scale, 0.5)))
-    panel = wide and rng.random() < 0.5
+    # A side panel of page marks only comes with its ruled frame: without the rule, marks
+    # that close to the text could as well be the start of its lines.
+    panel = wide and has_frame and rng.random() < 0.6
     if panel:
         panel_w = block_w * rng.uniform(0.05, 0.08)
         x_text0 += panel_w
-        if has_frame:
-            strokes.append((_wavy(rng, [(x_text0 - pad / 2, top0 - pad),
-                                        (x_text0 - pad / 2, top0 + block_h + pad)]), frame_t))
+        strokes.append((_wavy(rng, [(x_text0 - pad / 2, top0 - pad),
+                                    (x_text0 - pad / 2, top0 + block_h + pad)]), frame_t))
         marks = _marginal_column(rng, margin_x + panel_w / 2 - pad / 2, top0, block_h,
                                  glyph_h)
         strokes += marks
     if has_frame:
         strokes += _frame(rng, margin_x - pad, top0 - pad, w - margin_x + pad,
                           top0 + block_h + pad, frame_t)
-    if rng.random() < 0.5:        # a few marks in the outer margin, far from any line
+    for _ in range(int(rng.integers(0, 3))):     # marks in the outer margin, off any line
         strokes += _margin_note(rng, w, margin_x, top0, block_h, glyph_h,
                                 x_text0 - (pad if has_frame else 0.0))
 
@@ -215,10 +222,15 @@ def _text_line(rng: np.random.Generator, x0: float, x1: float, top: float,
     space = rng.random(n_max) < 0.015
     gaps = np.where(space, gh * rng.uniform(0.6, 1.3, n_max), gaps)
     starts = x0 + np.concatenate(([0.0], np.cumsum(widths + gaps)[:-1]))
-    keep = starts + widths <= x1
-    keep[0] = True
-    gx, gw = starts[keep], widths[keep]
-    end_syl, shad, gaps = end_syl[keep], shad[keep], gaps[keep]
+    k = max(1, int(np.count_nonzero(starts + widths <= x1)))       # glyphs that fit
+    gw, end_syl, shad, gaps = widths[:k], end_syl[:k], shad[:k], gaps[:k]
+    # No bare space next to either end of a line: a syllable or two beyond one would
+    # look just like a margin note (which is not a line) and make the label arbitrary.
+    near_end = np.zeros(k, bool)
+    near_end[:2] = True
+    near_end[max(0, k - 4):] = True
+    gaps = np.where(space[:k] & ~shad & near_end, gh * 0.35, gaps)
+    gx = x0 + np.concatenate(([0.0], np.cumsum(gw + gaps)[:-1]))
     end_syl[-1] = shad[-1] = False
     thick = max(1, round(gh * rng.uniform(0.08, 0.13)))
     out: list[tuple[np.ndarray, int]] = []
@@ -346,17 +358,17 @@ def _margin_note(rng: np.random.Generator, w: int, margin_x: float, top0: float,
 
     A note is only placed where at least three glyph heights of paper separate it from
     the text (or it sits beyond the frame): closer than that, whether it belongs to the
-    line would be a matter of taste, and the label must not be. It also keeps three
-    glyph heights from the left page edge, which is a tile edge: there, a few glyphs
-    look exactly like the tail of a line that a tile seam cut off, which is a line.
+    line would be a matter of taste, and the label must not be. It also keeps two
+    or three glyph heights from the top and left page edges, which are tile edges:
+    there, a few glyphs look just like the part of a line that a tile seam cut off.
     """
     k = int(rng.integers(1, 4))
     gh2 = gh * rng.uniform(0.6, 0.9)
     width = k * gh2 * 0.8
     left_room = left_limit - 3 * gh - width
     top_room = top0 - 3.5 * gh - gh2
-    if top_room > gh2 and (left_room < 3 * gh or rng.random() < 0.5):   # top margin
-        y = rng.uniform(gh2 * 0.6, top_room)
+    if top_room > 2 * gh and (left_room < 3 * gh or rng.random() < 0.5):  # top margin
+        y = rng.uniform(2 * gh, top_room)
         x = rng.uniform(margin_x, w - margin_x - width)
     elif left_room >= 3 * gh:                                          # left margin
         y = rng.uniform(top0, top0 + block_h - gh2)

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -43,6 +44,9 @@ from bec.ldv1.synth import EVAL_SEED_START, encode_jpeg, generate_page
 
 TRAIN_SEEDS = 900_000          # training page seeds are in [0, TRAIN_SEEDS)
 VALID_SEED_START = 900_000     # held-out check at the end of training: [900000, 1000000)
+HARD_WEIGHT = 2.0              # extra loss weight on ink that belongs to no line
+SEAM_CROPS = 0.35              # share of crops with a border at a line's end or band
+WIDE_SHARE = 0.7               # pechas among training pages (evaluation: 0.85)
 ARCH_KWARGS: dict = {"widths": [16, 32, 48, 96], "dilations": [1, 2, 4, 8, 2, 1],
                      "wide_kernel": 9, "decoder_width": 24}
 
@@ -52,11 +56,21 @@ def page_seed(run_seed: int, index: int) -> int:
     return (run_seed * 100_003 + index) % TRAIN_SEEDS
 
 
-def training_sample(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(thresholded uint8 frame, uint8 frame-sized line mask, side reach) of one page."""
+class Sample(NamedTuple):
+    """One training page, in frame pixels."""
+
+    binary: np.ndarray     # uint8 thresholded frame (0 ink, 255 paper)
+    mask: np.ndarray       # uint8 0/1 line bands
+    hard: np.ndarray       # uint8 0/1 ink that belongs to no line (see hard_negatives)
+    band_h: float          # median band height
+    ends: np.ndarray       # L×4 float32: (x, y) of each band's left end, then right end
+
+
+def training_sample(seed: int) -> Sample:
+    """Generate training page ``seed`` and prepare it as the model will see it."""
     rng = np.random.default_rng(seed)
     style = "bilevel" if rng.random() < 0.5 else "gray"
-    page = generate_page(rng, style=style)
+    page = generate_page(rng, style=style, wide_share=WIDE_SHARE)
     gray = page.image
     if style == "gray" and rng.random() < 0.5:          # JPEG artefacts, as in archives
         data = encode_jpeg(gray, rgb=bool(rng.random() < 0.5), quality=int(rng.integers(40, 96)))
@@ -70,17 +84,45 @@ def training_sample(seed: int) -> tuple[np.ndarray, np.ndarray, int]:
         gray = cv2.resize(gray, (fw, fh), interpolation=interp)
         mask = cv2.resize(mask, (fw, fh), interpolation=cv2.INTER_AREA)
     mask = (mask > 127).astype(np.uint8)
-    return adaptive_threshold(gray), mask, side_reach(mask)
+    binary = adaptive_threshold(gray)
+    band_h = band_height(mask)
+    return Sample(binary, mask, hard_negatives(binary, mask, band_h), band_h, band_ends(mask))
 
 
-def side_reach(mask: np.ndarray) -> int:
-    """How far a band is continued to a crop side: 1.5 × the page's band (glyph) height,
-    just over the widest gap inside a line and well under the page margins."""
+def band_height(mask: np.ndarray) -> float:
+    """Median thickness of a page's line bands (≈ its glyph height), frame pixels."""
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n < 2:
-        return 0
+        return 0.0
     thickness = stats[1:, cv2.CC_STAT_AREA] / np.maximum(stats[1:, cv2.CC_STAT_WIDTH], 1)
-    return int(1.5 * float(np.median(thickness))) + 2
+    return float(np.median(thickness))
+
+
+def band_ends(mask: np.ndarray) -> np.ndarray:
+    """(x, y) of the left and right end of every band (L×4 float32)."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    rows = []
+    for c in contours:                     # one per line: a handful per page
+        p = c.reshape(-1, 2).astype(np.float32)
+        left, right = p[p[:, 0] == p[:, 0].min()], p[p[:, 0] == p[:, 0].max()]
+        rows.append((*left.mean(0), *right.mean(0)))
+    return np.asarray(rows, np.float32).reshape(-1, 4)
+
+
+def hard_negatives(binary: np.ndarray, mask: np.ndarray, band_h: float) -> np.ndarray:
+    """Pixels near ink that belongs to no line: frame rules, page marks, margin notes,
+    blotches (uint8 0/1). Every false line the model found in development was one of
+    these, so the loss weighs them more. Ink within a glyph height of a band (vowel
+    marks, stacked letters) and isolated specks are left out."""
+    ink = (binary == 0).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
+    big = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= 12)
+    big = big[big > 0]
+    ink = np.isin(labels, big).astype(np.uint8)
+    g = max(3, int(band_h))
+    near_ink = cv2.dilate(ink, np.ones((g // 2 * 2 + 1, g // 2 * 2 + 1), np.uint8))
+    near_band = cv2.dilate(mask, np.ones((2 * g + 1, g + 1), np.uint8))
+    return near_ink & (1 - near_band)
 
 
 class _Pages(IterableDataset):
@@ -89,7 +131,7 @@ class _Pages(IterableDataset):
     def __init__(self, run_seed: int) -> None:
         self.run_seed = run_seed
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    def __iter__(self) -> Iterator[Sample]:
         cv2.setNumThreads(1)
         torch.set_num_threads(1)
         i = 0
@@ -98,31 +140,60 @@ class _Pages(IterableDataset):
             i += 1
 
 
-def _as_is(sample: tuple[np.ndarray, np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, int]:
+def _as_is(sample: Sample) -> Sample:
     """Keep samples as numpy arrays (the default would turn them into tensors)."""
     return sample
 
 
-def _crop(rng: random.Random, binary: np.ndarray, mask: np.ndarray, reach: int,
-          ch: int, cw: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random ch×cw crop; frames smaller than that are padded white (as tiles are)."""
+def _crop(rng: random.Random, sample: Sample, ch: int,
+          cw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ch×cw crop (binary, mask, hard); small frames are padded white, as tiles are.
+
+    Most crops are placed uniformly. ``SEAM_CROPS`` of them put a crop border where a
+    tile seam hurts most: just before a line's end (the next tile sees only the last
+    glyph or two), just after its start, or through its band (a row seam on a tall
+    page). Uniform crops meet these cases too rarely to learn them in a short run,
+    and each one missed is a line split in two.
+    """
+    binary, mask, hard, band_h, ends = sample
+    reach = int(1.5 * band_h) + 2
     h, w = binary.shape
     if h < ch or w < cw:
         ph, pw = max(h, ch), max(w, cw)
         b2 = np.full((ph, pw), 255, np.uint8)
         m2 = np.zeros((ph, pw), np.uint8)
-        b2[:h, :w], m2[:h, :w] = binary, mask
-        binary, mask, h, w = b2, m2, ph, pw
-    y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
+        h2 = np.zeros((ph, pw), np.uint8)
+        b2[:h, :w], m2[:h, :w], h2[:h, :w] = binary, mask, hard
+        binary, mask, hard, h, w = b2, m2, h2, ph, pw
+    if len(ends) and rng.random() < SEAM_CROPS:
+        x, y = _seam_crop_origin(rng, ends[rng.randrange(len(ends))], band_h, ch, cw)
+        x, y = min(max(int(x), 0), w - cw), min(max(int(y), 0), h - ch)
+    else:
+        y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
     b, m = binary[y:y + ch, x:x + cw], _extend_to_sides(mask[y:y + ch, x:x + cw], reach)
+    d = hard[y:y + ch, x:x + cw]
     if rng.random() < 0.5:                   # lines read the same mirrored left-right
-        b, m = b[:, ::-1], m[:, ::-1]
-    return b, m
+        b, m, d = b[:, ::-1], m[:, ::-1], d[:, ::-1]
+    return b, m, d
+
+
+def _seam_crop_origin(rng: random.Random, end: np.ndarray, band_h: float, ch: int,
+                      cw: int) -> tuple[float, float]:
+    """Top-left corner of a crop with one border at a hard place for ``end``'s line."""
+    x0, y0, x1, y1 = (float(v) for v in end)
+    kind = rng.randrange(4)
+    if kind == 0:                                   # left border shortly before the end
+        return x1 - rng.uniform(0, 4 * band_h), y1 - rng.uniform(0.2, 0.8) * ch
+    if kind == 1:                                   # right border shortly after the start
+        return x0 + rng.uniform(0, 4 * band_h) - cw, y0 - rng.uniform(0.2, 0.8) * ch
+    xc = rng.uniform(x0, x1)                        # top or bottom border through the band
+    yc = y0 + (y1 - y0) * (xc - x0) / max(x1 - x0, 1.0) + rng.uniform(-0.8, 0.8) * band_h
+    return xc - rng.uniform(0.2, 0.8) * cw, (yc if kind == 2 else yc - ch)
 
 
 def _extend_to_sides(mask: np.ndarray, reach: int) -> np.ndarray:
     """Copy of a crop's mask whose bands reaching within ``reach`` px of the left or
-    right border are continued to that border (``reach``: :func:`side_reach`).
+    right border are continued to that border (``reach``: 1.5 band heights).
 
     Tiles do not overlap, so a tile that starts in the gap between two syllables sees
     white and then glyphs — exactly what the start of a line after its margin looks
@@ -161,8 +232,8 @@ def _edge_weight(h: int, w: int, margin: int = 48, extra: float = 3.0) -> torch.
 def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Weighted BCE for per-pixel confidence (the mask is cut at p > 0.85) plus soft
     Dice, which keeps thin bands of sparse pages from being traded away for background."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, weight.expand_as(target))
-    bce = bce * (weight.numel() / weight.sum())
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight, reduction="sum")
+    bce = bce / weight.sum()
     p = torch.sigmoid(logits)
     inter = (p * target).sum((1, 2, 3))
     dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
@@ -197,9 +268,9 @@ def train(out: Path, seed: int, steps: int, minutes: float, batch: int, crop: tu
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     stream = iter(DataLoader(_Pages(seed), batch_size=None, num_workers=1, prefetch_factor=4,
                              collate_fn=_as_is))
-    pool: list[tuple[np.ndarray, np.ndarray, int]] = []
+    pool: list[Sample] = []
     ch, cw = crop
-    weight = _edge_weight(ch, cw)
+    edge_weight = _edge_weight(ch, cw)
     start = time.monotonic()
     budget = minutes * 60.0
     pages = step = 0
@@ -214,18 +285,21 @@ def train(out: Path, seed: int, steps: int, minutes: float, batch: int, crop: tu
         progress = max(step / steps, elapsed / budget)
         if progress >= 1.0:
             break
-        # Fresh pages: one per step, more while the pool is filling.
-        for _ in range(1 if len(pool) >= 8 else 4):
+        # Fresh pages: four per step while the pool fills, then one every other step
+        # (each page still gives ~16 random crops; drawing pages is the CPU's other job).
+        for _ in range(4 if len(pool) < 8 else (step + 1) % 2):
             sample = next(stream)
             pages += 1
             if len(pool) < pool_size:
                 pool.append(sample)
             else:
                 pool[rng.randrange(pool_size)] = sample
-        crops = [_crop(rng, *pool[rng.randrange(len(pool))], ch, cw) for _ in range(batch)]
+        crops = [_crop(rng, pool[rng.randrange(len(pool))], ch, cw) for _ in range(batch)]
         x = torch.from_numpy(np.stack([c[0] for c in crops]).astype(np.float32) / 255.0)
         x = x[:, None].expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
         y = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.float32))[:, None]
+        hard = torch.from_numpy(np.stack([c[2] for c in crops]).astype(np.float32))[:, None]
+        weight = edge_weight * (1.0 + HARD_WEIGHT * hard)
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
@@ -262,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2600)
     parser.add_argument("--minutes", type=float, default=30.0,
                         help="wall-clock cap; the learning rate anneals by whichever of "
                              "steps and minutes runs out first")
