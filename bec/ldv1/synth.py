@@ -216,7 +216,8 @@ def _text_line(rng: np.random.Generator, x0: float, x1: float, top: float,
     n_max = int((x1 - x0) / (0.45 * gh)) + 4
     widths = gh * rng.uniform(0.45, 0.85, n_max)
     end_syl = rng.random(n_max) < 0.4
-    gaps = np.where(end_syl, gh * rng.uniform(0.3, 0.45, n_max), gh * rng.uniform(0.04, 0.12, n_max))
+    gaps = np.where(end_syl, gh * rng.uniform(0.3, 0.45, n_max),
+                    gh * rng.uniform(0.04, 0.12, n_max))
     shad = end_syl & (rng.random(n_max) < 0.06)
     gaps = np.where(shad, gh * rng.uniform(0.8, 1.3, n_max), gaps)
     space = rng.random(n_max) < 0.015
@@ -299,7 +300,8 @@ def _glyph_strokes(rng: np.random.Generator, gx: np.ndarray, gw: np.ndarray, top
     use[:, 6] = use[:, 5] & (rng.random(g) < 0.6)
     # vowel mark above the head line
     u = uni(0.1, 0.6)
-    s[:, 7, :, 0] = u[:, None] + np.stack([np.zeros(g, np.float32), uni(0.1, 0.3), uni(0.3, 0.7)], -1)
+    s[:, 7, :, 0] = u[:, None] + np.stack(
+        [np.zeros(g, np.float32), uni(0.1, 0.3), uni(0.3, 0.7)], -1)
     s[:, 7, :, 1] = np.stack([uni(-0.05, 0.0), uni(-0.4, -0.25), uni(-0.5, -0.3)], -1)
     use[:, 7] = rng.random(g) < 0.12
     # vowel mark below (hook)
@@ -334,9 +336,12 @@ def _frame(rng: np.random.Generator, x0: float, y0: float, x1: float, y1: float,
     out = [(_wavy(rng, list(e)), thickness) for e in sides]
     if rng.random() < 0.4:
         d = rng.uniform(4.0, 10.0)
-        outer = [((a[0] + d * np.sign(a[0] - (x0 + x1) / 2), a[1] + d * np.sign(a[1] - (y0 + y1) / 2)),
-                  (b[0] + d * np.sign(b[0] - (x0 + x1) / 2), b[1] + d * np.sign(b[1] - (y0 + y1) / 2)))
-                 for a, b in sides]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+
+        def out_by_d(p: tuple[float, float]) -> tuple[float, float]:
+            return p[0] + d * np.sign(p[0] - cx), p[1] + d * np.sign(p[1] - cy)
+
+        outer = [(out_by_d(a), out_by_d(b)) for a, b in sides]
         out += [(_wavy(rng, list(e)), thickness + 1) for e in outer]
     return out
 
@@ -434,7 +439,8 @@ def _render(rng: np.random.Generator, ink: np.ndarray, style: str) -> np.ndarray
     h, w = ink.shape
     paper = _paper(rng, h, w, 0.3 if style == "gray" else 0.12)
     strength = rng.uniform(0.6, 0.92)
-    fade = strength * (1.0 - rng.uniform(0.0, 0.3) * np.abs(_smooth_noise(rng, (h // 8 + 1, w // 8 + 1), 8)))
+    fading = rng.uniform(0.0, 0.3) * np.abs(_smooth_noise(rng, (h // 8 + 1, w // 8 + 1), 8))
+    fade = strength * (1.0 - fading)
     fade = cv2.resize(fade, (w, h), interpolation=cv2.INTER_LINEAR)
     if style == "gray" and rng.random() < 0.5:
         ink = cv2.GaussianBlur(ink, (0, 0), rng.uniform(0.5, 1.1))

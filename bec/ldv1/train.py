@@ -16,6 +16,11 @@ model is scored on was ever trained on.
 Generation runs in one DataLoader worker process, in parallel with the optimiser; the
 main loop keeps a pool of recent frames and draws several crops from each, since a page
 costs more to draw than one crop costs to learn from.
+
+Cost: the defaults (2600 steps of 8 crops of 256×512) take about 9 minutes on two
+otherwise idle CPU cores (≈0.2 s a step); on a busy machine the same steps simply take
+longer, and ``--minutes`` caps the wall time (the learning rate then anneals early).
+The shipped ``weights/small.pth`` is exactly ``python -m bec.ldv1.train``.
 """
 from __future__ import annotations
 
