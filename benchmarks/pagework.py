@@ -49,9 +49,12 @@ def segment_frames(segmenter: Any, frames: list[Frame], tile: int, max_tiles: in
     """Tiles of all frames in batches of ``max_tiles`` → stitched masks (as in the pipeline)."""
     import torch
 
+    from bec.pipeline.inference import forward_tiles
+
     tiles = [tile_frame(f.binary, tile) for f in frames]
     flat = torch.from_numpy(np.concatenate(tiles)) if tiles else torch.empty((0, tile, tile), dtype=torch.uint8)
-    outs = [segmenter.segment(chunk.to(segmenter.device)).cpu() for chunk in torch.split(flat, max_tiles)]
+    chunk_size = forward_tiles(segmenter.device.type, max_tiles)
+    outs = [segmenter.segment(chunk.to(segmenter.device)).cpu() for chunk in torch.split(flat, chunk_size)]
     masks_all = torch.cat(outs).numpy() if outs else np.empty((0, tile, tile), np.uint8)
     masks, at = [], 0
     for f, t in zip(frames, tiles):

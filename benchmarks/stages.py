@@ -21,6 +21,7 @@ class StageResult:
     seconds: float
     per_page_ms: list[float] = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_s: float = 0.0  # CPU seconds spent (all threads and processes of the stage)
 
     @property
     def pages_per_s(self) -> float:
@@ -30,7 +31,9 @@ class StageResult:
         ms = np.array(self.per_page_ms) if self.per_page_ms else np.zeros(1)
         return {"name": self.name, "pages": self.pages, "seconds": round(self.seconds, 4),
                 "pages_per_s": round(self.pages_per_s, 2), "median_ms": round(float(np.median(ms)), 3),
-                "p95_ms": round(float(np.percentile(ms, 95)), 3), **self.extra}
+                "p95_ms": round(float(np.percentile(ms, 95)), 3),
+                "cpu_ms_per_page": round(1000 * self.cpu_s / self.pages, 3) if self.pages else 0.0,
+                **self.extra}
 
 
 # -- fetch (S3 GET or folder read, threads inside each process) --------------------------------
@@ -76,13 +79,14 @@ def _init_decode(pages: int, volumes: int, cache: str, force_pillow: bool) -> No
     _state["pillow"] = force_pillow
 
 
-def _decode_chunk(indices: list[int]) -> list[float]:
+def _decode_chunk(indices: list[int]) -> tuple[list[float], float]:
     out = []
+    cpu = time.process_time()
     for i in indices:
         t = time.perf_counter()
         W.decode_frame(_state["items"][i], _state["cfg"], _state["pillow"])
         out.append((time.perf_counter() - t) * 1000)
-    return out
+    return out, time.process_time() - cpu
 
 
 def decode(n: int, pages: int, volumes: int, cache: Path, procs: int, force_pillow: bool = False) -> StageResult:
@@ -91,10 +95,11 @@ def decode(n: int, pages: int, volumes: int, cache: Path, procs: int, force_pill
                              initargs=(pages, volumes, str(cache), force_pillow)) as ex:
         list(ex.map(_decode_chunk, [[0]] * procs))  # imports and caches warm
         started = time.perf_counter()
-        times = [ms for part in ex.map(_decode_chunk, chunks) for ms in part]
+        parts = list(ex.map(_decode_chunk, chunks))
         seconds = time.perf_counter() - started
+    times = [ms for part, _ in parts for ms in part]
     label = "Pillow (pillow-simd)" if force_pillow else "pipeline (turbojpeg for JPEG, Pillow for TIFF)"
-    return StageResult(f"decode {procs}p [{label}]", n, seconds, times)
+    return StageResult(f"decode {procs}p [{label}]", n, seconds, times, cpu_s=sum(cpu for _, cpu in parts))
 
 
 def decoders_side_by_side(datas: list[bytes], kinds: list[str]) -> dict[str, Any]:
@@ -139,45 +144,46 @@ def decoders_side_by_side(datas: list[bytes], kinds: list[str]) -> dict[str, Any
 def infer_and_post(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any]) -> tuple[StageResult, StageResult, list]:
     tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
     W.segment_frames(segmenter, frames[:2], tile, max_tiles)  # warm-up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     masks = W.segment_frames(segmenter, frames, tile, max_tiles)
-    infer_s = time.perf_counter() - t
+    infer_s, infer_cpu = time.perf_counter() - t, time.process_time() - c
     tiles = sum(W.tiles_of(f, tile) for f in frames)
     post_ms, results = [], []
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for m, f in zip(masks, frames):
         p0 = time.perf_counter()
         results.append(W.post(m, f))
         post_ms.append((time.perf_counter() - p0) * 1000)
     redo = [(i, W.rotated(frames[i], angle), angle) for i, (_, angle) in enumerate(results) if angle]
-    post_s = time.perf_counter() - t
+    post_s, post_cpu = time.perf_counter() - t, time.process_time() - c
     outcomes = [o for o, _ in results]
     if redo:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         masks2 = W.segment_frames(segmenter, [f for _, f, _ in redo], tile, max_tiles)
-        infer_s += time.perf_counter() - t
+        infer_s, infer_cpu = infer_s + time.perf_counter() - t, infer_cpu + time.process_time() - c
         tiles += sum(W.tiles_of(f, tile) for _, f, _ in redo)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for (i, f, angle), m in zip(redo, masks2):
             outcomes[i] = W.post(m, f, rotation=angle)[0]
-        post_s += time.perf_counter() - t
+        post_s, post_cpu = post_s + time.perf_counter() - t, post_cpu + time.process_time() - c
     n = len(frames)
     infer = StageResult("infer (tiling, model, stitching; second passes included)", n, infer_s,
                         extra={"tiles": tiles, "tiles_per_s": round(tiles / infer_s, 2) if infer_s else 0,
-                               "second_pass_pages": len(redo)})
-    postr = StageResult("post (contours, skew, second-pass rotation)", n, post_s, post_ms)
+                               "second_pass_pages": len(redo)}, cpu_s=infer_cpu)
+    postr = StageResult("post (contours, skew, second-pass rotation)", n, post_s, post_ms, cpu_s=post_cpu)
     return infer, postr, outcomes
 
 
 def parquet(outcomes: list, per_volume: int) -> StageResult:
     from bec import artifacts
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     size = 0
     for start in range(0, len(outcomes), per_volume):
         size += len(artifacts.parquet_bytes(outcomes[start:start + per_volume]))
     return StageResult("parquet (build + write)", len(outcomes), time.perf_counter() - t,
-                       extra={"bytes_per_page": round(size / max(1, len(outcomes)), 1)})
+                       extra={"bytes_per_page": round(size / max(1, len(outcomes)), 1)},
+                       cpu_s=time.process_time() - c)
 
 
 def as_dict(result: StageResult) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
 @click.option("--fetch-threads", type=click.IntRange(1, 64), default=None,
               help="Concurrent S3 GETs per fetch process [default: 4].")
 @click.option("--infer-threads", type=click.IntRange(1, 256), default=None,
-              help="torch threads of a CPU inference process [default: usable cores − procs, at least 1].")
+              help="torch threads of a CPU inference process [default: usable cores; env BEC_INFER_THREADS].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Inference device; auto = CUDA when the job config's use_gpu and a GPU are present.")
 @click.option("--grace", type=click.FloatRange(0), default=None,
@@ -156,7 +156,8 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
         fetch_threads=_setting(app, opts["fetch_threads"], "BEC_FETCH_THREADS", 4, int),
         n_fetch=procs, n_infer=n_infer,
         n_post=_setting(app, opts["post_procs"], "BEC_POST_PROCS", max(1, procs // 4), int),
-        infer_threads=_setting(app, opts["infer_threads"], "BEC_INFER_THREADS", max(1, cores - procs), int),
+        # all cores: on CPU the model is most of the work, and the fetch processes mostly wait
+        infer_threads=_setting(app, opts["infer_threads"], "BEC_INFER_THREADS", cores, int),
         poll_wait=_setting(app, opts["poll_wait"], "BEC_POLL_WAIT", 20, int),
         visibility_timeout=_setting(app, opts["visibility_timeout"], "BEC_VISIBILITY_TIMEOUT", 300, int),
         shutdown_after_empty=_setting(app, opts["shutdown_after_empty"], "BEC_SHUTDOWN_AFTER_EMPTY", 6, int),

@@ -150,6 +150,7 @@ def child_main(spec: ChildSpec) -> None:
     _die_with_parent(spec.parent_pid, spec.role)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     mailbox = Mailbox(spec.pipeline.namespace, spec.role)
+    mailbox.start_reader()
     slots = SlotPool.attach(spec.pipeline.slots)
     from bec.logs import setup_logging
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -178,6 +180,7 @@ class Mailbox:
     def __init__(self, namespace: str, role: str) -> None:
         self.namespace = namespace
         self.role = role
+        self._inbox: queue.SimpleQueue[Message] | None = None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -192,8 +195,39 @@ class Mailbox:
         self.sock.close()
 
     # receiving
+    def start_reader(self) -> None:
+        """Empty the socket continuously from a thread into an unbounded in-process queue.
+
+        The kernel queues only a handful of datagrams per socket (net.unix.max_dgram_qlen,
+        often 10): a process busy for seconds (a model batch) would make its senders wait.
+        Back-pressure belongs to the slot pool, not to the socket, so the socket is kept
+        empty; the number of messages in flight is bounded by the slots anyway.
+        """
+        if self._inbox is not None:
+            return
+        self._inbox = queue.SimpleQueue()
+        threading.Thread(target=self._read_forever, name=f"mailbox-{self.role}", daemon=True).start()
+
+    def _read_forever(self) -> None:
+        assert self._inbox is not None
+        while True:
+            try:
+                msg = self._recv_socket(None)
+            except OSError:  # closed at exit
+                return
+            if msg is not None:
+                self._inbox.put(msg)
+
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next message, or None after ``timeout`` seconds (None = wait for ever)."""
+        if self._inbox is not None:
+            try:
+                return self._inbox.get(timeout=timeout) if timeout != 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                return None
+        return self._recv_socket(timeout)
+
+    def _recv_socket(self, timeout: float | None) -> Message | None:
         while True:
             try:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(_UCRED.size))
@@ -239,9 +273,13 @@ class Mailbox:
                 return False
             raise
 
-    def send(self, role: str, msg: Message, timeout: float = 30.0) -> bool:
-        """Send, waiting while the receiver's queue is full; False if it is gone or stuck."""
-        deadline = time.monotonic() + timeout
+    def send(self, role: str, msg: Message, timeout: float | None = None) -> bool:
+        """Send, waiting while the receiver's queue is full; False if it is gone.
+
+        Without a ``timeout`` it waits as long as the receiver lives: a message dropped
+        here would leave its slot with a live owner that never heard of it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.0005
         while True:
             try:
@@ -249,7 +287,7 @@ class Mailbox:
                     return True
             except Gone:
                 return False
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 0.02)

@@ -82,6 +82,7 @@ class Supervisor:
         self.slots = slots
         self.mp = multiprocessing.get_context("spawn")
         self.mailbox = Mailbox(pipeline.namespace, "supervisor")
+        self.mailbox.start_reader()
         self.children = {role: Child(role) for role in pipeline.roles if role != "supervisor"}
         self.ledger: dict[str, int] = {}  # receipt → task id (0 until claimed), held by the controller
         self.signals = 0
