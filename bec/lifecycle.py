@@ -3,7 +3,8 @@
     admit ─ 1. parse and validate the body ............ poison → DLQ at once, with the reason
           ─ 2. read the manifest → version ............ missing/invalid → terminal → DLQ
           ─ 3. ensure the volume row; success.json? ... yes → DB done, delete, next
-          ─ 4. claim the task (one SQL statement) ..... not claimable → leave it to SQS
+          ─ 4. claim the task (one SQL statement) ..... not claimable → look again once the
+                                                         holder's heartbeat could be stale
     (the controller streams the pages through the pipeline, extending visibility)
     finish ─ 5. error ratio within max_error_ratio? ... no → retryable
            ─ 6. Parquet, then success.json, then DB done + metrics, then delete the message
@@ -159,6 +160,9 @@ def admit(svc: Services, message: Received) -> Admission:
                             len(manifest.entries), svc.stale_after_s)
         if claim is None:
             adm.verdict, adm.reason = Verdict.NOT_CLAIMABLE, "task is done or running elsewhere"
+            # The holder deletes the message when it finishes; if it died, its heartbeat is
+            # stale after stale_after_s and the next receive takes the volume over.
+            set_visibility(svc, message, int(svc.stale_after_s) + 2)
             return adm
         adm.task_id, adm.attempt = claim.task_id, claim.attempt
         adm.claimed_at = time.time()

@@ -39,6 +39,19 @@ def _tree_memory(root: psutil.Process) -> tuple[int, int]:
     return rss, pss
 
 
+def _cpu_by_process(root: psutil.Process) -> dict[str, float]:
+    """CPU seconds used so far by each of the worker's processes (by role name)."""
+    out: dict[str, float] = {}
+    for p in [root] + root.children(recursive=True):
+        try:
+            name = p.name() if p.pid != root.pid else "supervisor"
+            t = p.cpu_times()
+            out[name] = out.get(name, 0.0) + t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
 def _scrape(port: int) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -83,6 +96,7 @@ def run_worker(stack: Stack, job: str, volumes: list[tuple[str, str]], pages: in
             raise RuntimeError("worker did not start:\n" + "".join(lines[-30:]))
         time.sleep(0.05)
     before = _scrape(port)
+    cpu_before = _cpu_by_process(root)
     for start in range(0, len(volumes), 10):
         stack.sqs.send_message_batch(QueueUrl=job_row["queue_url"], Entries=[
             {"Id": str(n), "MessageBody": json.dumps({"w_id": w, "i_id": i})}
@@ -103,6 +117,8 @@ def run_worker(stack: Stack, job: str, volumes: list[tuple[str, str]], pages: in
             raise RuntimeError("worker stopped early:\n" + "".join(lines[-30:]))
         time.sleep(0.2)
     after = _scrape(port)
+    cpu_after = _cpu_by_process(root)
+    cpu_ms = {k: round(1000 * (v - cpu_before.get(k, 0.0)) / pages, 2) for k, v in cpu_after.items()}
     span = stack.db.row("SELECT extract(epoch FROM max(done_at) - min(started_at)) AS seconds, "
                         "sum(total_images) AS pages, sum(nb_errors) AS errors FROM task_executions "
                         "WHERE job_id = %s", (job_row["id"],))
@@ -121,4 +137,5 @@ def run_worker(stack: Stack, job: str, volumes: list[tuple[str, str]], pages: in
             "median_pss_mb": round(sorted(samples)[len(samples) // 2] / 2**20, 1),
             "inference_busy_s": round(busy, 3), "inference_idle_s": round(max(0.0, seconds - busy), 3),
             "inference_busy_ratio": round(busy / seconds, 3) if seconds else 0.0,
-            "inference_waits_over_100ms": int(long_waits), "failed_volumes": int(row["failed"])}
+            "inference_waits_over_100ms": int(long_waits), "failed_volumes": int(row["failed"]),
+            "cpu_ms_per_page_by_process": cpu_ms}

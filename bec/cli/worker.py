@@ -70,6 +70,8 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
               help="Concurrent S3 GETs per fetch process [default: 4].")
 @click.option("--infer-threads", type=click.IntRange(1, 256), default=None,
               help="torch threads of a CPU inference process [default: usable cores; env BEC_INFER_THREADS].")
+@click.option("--infer-procs", type=click.IntRange(1, 64), default=None,
+              help="Inference processes [default: one per GPU; on CPU 1; env BEC_INFER_PROCS].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Inference device; auto = CUDA when the job config's use_gpu and a GPU are present.")
 @click.option("--grace", type=click.FloatRange(0), default=None,
@@ -127,7 +129,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     device = opts["device"]
     if device == "auto":
         device = "cuda" if config["use_gpu"] and gpus else "cpu"
-    n_infer = max(1, gpus) if device == "cuda" else 1
+    n_infer = _setting(app, opts["infer_procs"], "BEC_INFER_PROCS", max(1, gpus) if device == "cuda" else 1, int)
     sqs = app.sqs
     with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
         queues.queue_arn(sqs, job.queue_url)  # the queue exists and the endpoint answers

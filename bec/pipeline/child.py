@@ -52,6 +52,7 @@ class PipelineSpec:
     n_infer: int = 1
     n_post: int = 1
     infer_threads: int = 1
+    cpu_nice: int = int(os.environ.get("BEC_CPU_NICE", "10"))  # niceness of helper processes on CPU hosts
     poll_wait: int = 20
     visibility_timeout: int = 300
     shutdown_after_empty: int = 6
@@ -149,6 +150,12 @@ def child_main(spec: ChildSpec) -> None:
     """Entry point of every child process (the target given to multiprocessing)."""
     _die_with_parent(spec.parent_pid, spec.role)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.pipeline.device == "cpu" and spec.role.startswith(("fetch", "post")) and spec.pipeline.cpu_nice:
+        # On a CPU host the model's threads are the pipeline's bottleneck and synchronise with
+        # each other: a helper process preempting one of them stalls all of them. Lower
+        # priority lets decoding fill the gaps instead. The controller keeps its priority: its
+        # heartbeats and visibility extensions must never wait behind the model.
+        os.nice(spec.pipeline.cpu_nice)
     mailbox = Mailbox(spec.pipeline.namespace, spec.role)
     mailbox.start_reader()
     slots = SlotPool.attach(spec.pipeline.slots)

@@ -398,7 +398,8 @@ class Controller:
             self.counters.volumes_skipped += 1
             log.info("Volume %s is already done; message %s deleted", adm.label, mid)
         elif adm.verdict is Verdict.NOT_CLAIMABLE:
-            log.info("Volume %s is done or running elsewhere; message %s left to SQS", adm.label, mid)
+            log.info("Volume %s is done or running elsewhere; message %s looked at again in %ds",
+                     adm.label, mid, int(self.svc.stale_after_s) + 2)
         elif self.draining or self.stopping:
             lifecycle.release(self.svc, adm, "released: worker shutting down")
             self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))
