@@ -359,6 +359,8 @@ class Controller:
                 label = None
             if label and (label in self.admitting or label in self.active_labels):
                 # a duplicate of a volume we hold: it returns later and is skipped
+                log.info("Message %s (received %d times) duplicates volume %s/%s in progress here; "
+                         "left to SQS", message.message_id, message.receive_count, *label)
                 self.ctx.mailbox.send("supervisor", Untrack(message.receipt))
                 continue
             if label:
