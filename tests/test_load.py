@@ -1,7 +1,7 @@
 """Load and endurance: many workers on one queue; one worker fed for minutes.
 
-The soak runs ``BEC_SOAK_SECONDS`` (default 75 in CI; the closing figures come from 600)
-and writes what it sampled to ``BEC_SOAK_REPORT`` when that is set.
+The soak runs ``SOAK_SECONDS`` (not a BEC_ variable: the stack fixture clears those) (default 75 in CI; the closing figures come from 600)
+and writes what it sampled to ``SOAK_REPORT`` when that is set.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def sample_tree(root: psutil.Process) -> dict[str, float]:
 
 
 def test_soak_null_model_resources_stay_flat(stack, tmp_path):
-    seconds = float(os.environ.get("BEC_SOAK_SECONDS", "75"))
+    seconds = float(os.environ.get("SOAK_SECONDS", "75"))
     q = setup_job(stack)
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -173,8 +173,8 @@ def test_soak_null_model_resources_stay_flat(stack, tmp_path):
               "pages_per_s": round(pages / seconds, 1),
               **{key: figures(key) for key in ("rss_mb", "fds", "threads", "shm")}}
     print("\nsoak:", json.dumps(report))
-    if os.environ.get("BEC_SOAK_REPORT"):
-        Path(os.environ["BEC_SOAK_REPORT"]).write_text(json.dumps({**report, "samples": samples}, indent=1))
+    if os.environ.get("SOAK_REPORT"):
+        Path(os.environ["SOAK_REPORT"]).write_text(json.dumps({**report, "samples": samples}, indent=1))
     assert pages >= 1000, report
     rss = report["rss_mb"]
     assert rss["late_median"] <= rss["early_median"] * 1.05 + 25, report
