@@ -1,7 +1,8 @@
 """Load and endurance: many workers on one queue; one worker fed for minutes.
 
-The soak runs ``SOAK_SECONDS`` (not a BEC_ variable: the stack fixture clears those) (default 75 in CI; the closing figures come from 600)
-and writes what it sampled to ``SOAK_REPORT`` when that is set.
+The soak runs ``SOAK_SECONDS`` (default 75 in CI; the closing figures come from 600) and
+writes what it sampled to ``SOAK_REPORT`` when that is set (not BEC_ variables: the stack
+fixture clears those).
 """
 from __future__ import annotations
 
