@@ -24,10 +24,11 @@ from bec.pipeline.messages import FrameReady, MaskReady, Stop
 
 GATHER_WAIT_S = 0.002  # how long to wait for more pages once a batch has started
 #: On CPU a forward call over many tiles is slower per tile (activations leave the
-#: caches): measured on the small model, 2 threads, ms/tile: 9.0 at 4 tiles, 9.5 at 8,
-#: 15.5 at 16, 22.2 at 80. Batches are still gathered across pages; the forward calls
-#: are cut into chunks of this size.
-CPU_FORWARD_TILES = 8
+#: caches). Measured on the small model, 2 threads, 512² tiles, CPU ms/tile (wall tiles/s):
+#: 1 tile 18.9 (105), 2 tiles 16.5 (120), 3 tiles 15.9 (125), 8 tiles 21.9 (90), 16 tiles
+#: 24.4 (80). Batches are still gathered across pages; the forward calls are cut into
+#: chunks of this size. (On CUDA the whole batch goes in one call.)
+CPU_FORWARD_TILES = 3
 
 
 def forward_tiles(device_type: str, max_tiles: int) -> int:
