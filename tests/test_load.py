@@ -123,16 +123,19 @@ class Feeder:
 
 def sample_tree(root: psutil.Process) -> dict[str, float]:
     rss = fds = threads = 0
+    by_process: dict[str, float] = {}
     for p in [root] + root.children(recursive=True):
         try:
             with p.oneshot():
-                rss += p.memory_info().rss
+                mine = p.memory_info().rss
                 fds += p.num_fds()
                 threads += p.num_threads()
+                by_process["supervisor" if p.pid == root.pid else p.name()] = round(mine / 2**20, 1)
+                rss += mine
         except psutil.Error:
             pass
     shm = len({e for e in shm_entries() if not e.startswith("PostgreSQL")})
-    return {"rss_mb": rss / 2**20, "fds": fds, "threads": threads, "shm": shm}
+    return {"rss_mb": rss / 2**20, "fds": fds, "threads": threads, "shm": shm, "rss_mb_by_process": by_process}
 
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "75"))
