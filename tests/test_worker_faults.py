@@ -62,7 +62,7 @@ def test_kill_9_of_the_supervisor_leaves_no_orphans_and_work_is_taken_over(stack
     gone, alive = psutil.wait_procs(list(kids.values()), timeout=5)
     assert not alive, f"orphans: {alive}"
     # a second worker takes the volumes over once the first one's heartbeat is stale
-    second = run_worker(stack, "--stale-after", "6", "--shutdown-after-empty", "20")
+    second = run_worker(stack, "--stale-after", "6", "--shutdown-after-empty", "12")
     rows = assert_all_done_once(stack, vols, 12)
     assert {r["worker_id"] for r in rows} <= {1, 2}
     assert "Processing message" in second.output
@@ -200,8 +200,8 @@ def test_a_volume_held_by_a_worker_that_goes_silent_is_taken_over_by_a_running_w
     assert task_sql.claim(stack.db, job_id, volume_id, manifest.version, holder, 3) is not None
     enqueue(stack, q["queue"], vols)
     # the holder's heartbeat is fresh at the first receive, stale 5 s later; the worker only
-    # goes on polling for 20 s with nothing visible
-    run = run_worker(stack, "--stale-after", "5", "--shutdown-after-empty", "20")
+    # goes on polling for 12 s with nothing visible
+    run = run_worker(stack, "--stale-after", "5", "--shutdown-after-empty", "12")
     assert "running elsewhere" in run.output
     rows = assert_all_done_once(stack, vols, 3)
     assert rows[0]["attempt"] == 2 and rows[0]["worker_id"] != holder
