@@ -99,6 +99,7 @@ def exported_names() -> set[str]:
                       "histogram": {f"{name}_bucket", f"{name}_sum", f"{name}_count"}}[kind]
     fake = SimpleNamespace(slots=SimpleNamespace(table=np.zeros(4, dtype=[("state", np.int8)])))
     families = Supervisor.slot_metrics(fake)  # type: ignore[arg-type]
+    families += Supervisor.process_metrics(SimpleNamespace(children={}))  # type: ignore[arg-type]
     snap = exporter.Snapshot(True, [exporter.JobSample("j", {"done": 1}, 1, 1,
                                                        {"tasks": {"visible": 1}})], 0.0, 0.0)
     families += exporter.families(snap, 1.0)
@@ -117,7 +118,8 @@ def test_every_query_uses_exported_metrics_and_provisioning_holds():
     for title in ("Pages/s", "Volumes done/s", "Queue depth", "ETA", "Volume failures by outcome",
                   "Page errors by type", "Stage latency p50", "Stage latency p95", "Slot occupancy",
                   "Pages waiting", "Inference batch fill", "Inference tiles/s", "Accelerator busy",
-                  "S3 bandwidth", "Database errors and pool wait", "Child restarts", "Volumes in flight"):
+                  "S3 bandwidth", "Database errors and pool wait", "Child restarts", "Volumes in flight",
+                  "Memory per process"):
         assert title in titles, title
     # every panel and query goes through the $datasource variable, defaulting to the provisioned uid
     for panel in all_panels(board["panels"]):

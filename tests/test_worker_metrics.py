@@ -57,6 +57,9 @@ def test_metrics_endpoint_aggregates_children(stack):
         assert value(samples, "bec_sqs_deletes_total") == 2
         assert value(samples, "bec_slots_capacity") > 0
         assert value(samples, "bec_slots", state="free") > 0
+        for role in ("supervisor", "controller", "fetch-0", "infer-0", "post-0"):
+            assert value(samples, "bec_process_resident_memory_bytes", role=role, kind="anon") > 10 * 2**20, role
+        assert value(samples, "bec_process_resident_memory_bytes", role="fetch-0", kind="shmem") > 0
         assert any(k[0] == "bec_worker_info" and dict(k[1]).get("job") == "ldv1" for k in samples)
         assert not any("W22084" in str(k) or "I0000" in str(k) for k in samples)  # no per-volume labels
         # a restarted child keeps its counted work
