@@ -160,9 +160,7 @@ def admit(svc: Services, message: Received) -> Admission:
                             len(manifest.entries), svc.stale_after_s)
         if claim is None:
             adm.verdict, adm.reason = Verdict.NOT_CLAIMABLE, "task is done or running elsewhere"
-            # The holder deletes the message when it finishes; if it died, its heartbeat is
-            # stale after stale_after_s and the next receive takes the volume over.
-            set_visibility(svc, message, int(svc.stale_after_s) + 2)
+            set_visibility(svc, message, recheck_delay_s(svc))
             return adm
         adm.task_id, adm.attempt = claim.task_id, claim.attempt
         adm.claimed_at = time.time()
@@ -173,6 +171,13 @@ def admit(svc: Services, message: Received) -> Admission:
         adm.database_down = isinstance(exc, Unavailable)
         retry_later(svc, adm, adm.reason)
         return adm
+
+
+def recheck_delay_s(svc: Services) -> int:
+    """When to look again at a volume running elsewhere. The holder deletes the message when
+    it finishes; if it died, its heartbeat is stale after ``stale_after_s`` and the next
+    receive takes the volume over."""
+    return int(svc.stale_after_s) + 2
 
 
 def read_success_marker(svc: Services, w_id: str, i_id: str, version: str) -> dict[str, Any] | None:

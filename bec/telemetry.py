@@ -43,6 +43,19 @@ def mark_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def resident_memory(pid: int) -> dict[str, int]:
+    """Bytes of a process' resident memory by kind, from ``/proc/<pid>/status``: ``anon``
+    (its own heap), ``file`` (mapped libraries), ``shmem`` (the slot pool). Raises OSError
+    when the process is gone."""
+    parts: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                key, value = line.split(":")
+                parts[key[3:].lower()] = int(value.split()[0]) * 1024
+    return parts
+
+
 class CallbackCollector:
     """Metrics computed at scrape time (e.g. slot occupancy read from shared memory)."""
 

@@ -22,6 +22,7 @@ import pytest
 
 from bec.archive import MANIFEST, volume_prefix
 from bec.devstack.volumes import render
+from bec.telemetry import resident_memory
 from workerkit import (no_shm_leak,  # noqa: F401 - fixture
                        SOURCE_BUCKET, enqueue, queue_counts, read_parquet, setup_job, shm_entries,
                        start_worker, tasks)
@@ -121,18 +122,6 @@ class Feeder:
             self.stop.wait(0.5)
 
 
-def _rss_parts(pid: int) -> dict[str, float]:
-    """MB of a process' resident memory by kind: its own heap (anon), mapped files, shared
-    memory (the slot pool: it grows only until every slot has held a large page)."""
-    parts = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(("RssAnon", "RssFile", "RssShmem")):
-                key, value = line.split(":")
-                parts[key[3:].lower()] = round(int(value.split()[0]) / 1024, 1)
-    return parts
-
-
 def sample_tree(root: psutil.Process) -> dict[str, Any]:
     rss = fds = threads = 0
     by_process: dict[str, float] = {}
@@ -142,7 +131,8 @@ def sample_tree(root: psutil.Process) -> dict[str, Any]:
                 mine = p.memory_info().rss
                 fds += p.num_fds()
                 threads += p.num_threads()
-                by_process["supervisor" if p.pid == root.pid else p.name()] = _rss_parts(p.pid)
+                by_process["supervisor" if p.pid == root.pid else p.name()] = {
+                    kind: round(size / 2**20, 1) for kind, size in resident_memory(p.pid).items()}
                 rss += mine
         except (psutil.Error, OSError):
             pass

@@ -401,7 +401,7 @@ class Controller:
             log.info("Volume %s is already done; message %s deleted", adm.label, mid)
         elif adm.verdict is Verdict.NOT_CLAIMABLE:
             log.info("Volume %s is done or running elsewhere; message %s looked at again in %ds",
-                     adm.label, mid, int(self.svc.stale_after_s) + 2)
+                     adm.label, mid, lifecycle.recheck_delay_s(self.svc))
         elif self.draining or self.stopping:
             lifecycle.release(self.svc, adm, "released: worker shutting down")
             self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))

@@ -199,13 +199,11 @@ class Supervisor:
                      if c.process is not None and c.process.pid})
         for role, pid in pids.items():
             try:
-                with open(f"/proc/{pid}/status") as status:
-                    for line in status:
-                        if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
-                            key, value = line.split(":")
-                            family.add_metric([role, key[3:].lower()], float(value.split()[0]) * 1024)
+                parts = telemetry.resident_memory(pid)
             except OSError:
                 continue  # exited between listing and reading
+            for kind, size in parts.items():
+                family.add_metric([role, kind], float(size))
         return [family]
 
     def scrape_metrics(self) -> list[Any]:
