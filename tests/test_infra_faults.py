@@ -278,17 +278,20 @@ def test_connection_exhaustion_is_a_clear_error_then_waited_out(pg_stack, privat
     assert "Traceback" not in run.output
     assert stack.db.row("SELECT count(*) AS n FROM workers")["n"] == 0
 
-    # mid-run: its connections are cut and every slot taken for a while → it waits, resumes
-    enqueue(stack, q["queue"], vols)
-    run = start_worker(stack, "--max-volumes-in-flight", "1", "--shutdown-after-empty", "4")
-    run.wait_for("Processing message", timeout=60)
+    # mid-run: its connections are cut and every slot taken, then work arrives → it waits, resumes.
+    # The volumes are enqueued only once the database is full: a null-model volume takes 0.2 s,
+    # so work enqueued earlier could be finished before the hog holds every slot.
+    run = start_worker(stack, "--max-volumes-in-flight", "1", "--shutdown-after-empty", "7")
+    run.wait_for("processes ready", timeout=60)
     hogs = hog_all(private_pg, dbname)
     try:
         hogs[0].execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                         "WHERE application_name IN ('bec-controller', 'bec-cli') AND datname = %s", (dbname,))
         hogs += hog_all(private_pg, dbname)
+        enqueue(stack, q["queue"], vols)
         time.sleep(8)
         assert run.process.poll() is None, run.output
+        assert "Successfully processed" not in run.output, run.output  # nothing finished without the DB
     finally:
         for h in hogs:
             h.close()
