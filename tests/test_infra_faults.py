@@ -109,7 +109,9 @@ def dlq_depth(stack: Stack, url: str) -> int:
 def test_postgres_restart_mid_run_loses_nothing(pg_stack, private_pg):
     stack = pg_stack
     q = setup_job(stack)
-    vols = add_volumes(stack, 4, pages=10)
+    vols = [("W1", f"I{n}") for n in range(4)]   # long enough to be mid-run on a fast host
+    for w, i in vols:
+        add_repeated_volume(stack, w, i, 40)
     enqueue(stack, q["queue"], vols)
     run = start_worker(stack, "--max-volumes-in-flight", "1", "--shutdown-after-empty", "4")
     run.wait_for("Processing message", timeout=60)
@@ -123,7 +125,7 @@ def test_postgres_restart_mid_run_loses_nothing(pg_stack, private_pg):
     assert " died " not in run.output and "Traceback" not in run.output, run.output
     stack.db.pool.check()  # our own idle connection died with the server too
     assert "PostgreSQL at" in run.output or "error connecting" in run.output  # it was felt
-    rows = assert_all_done_once(stack, vols, 10)
+    rows = assert_all_done_once(stack, vols, 40)
     assert max(r["attempt"] for r in rows) <= 3  # at most one claim lost per failed receive
     assert dlq_depth(stack, q["dlq"]) == 0            # no volume burnt its receives
     assert stack.sqs.get_queue_attributes(QueueUrl=q["queue"], AttributeNames=["ApproximateNumberOfMessages"])[

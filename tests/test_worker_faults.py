@@ -85,9 +85,17 @@ def test_sigterm_drains_and_exits_0(stack):
     assert_all_done_once(stack, vols, 10)
 
 
+def long_volumes(stack, count: int, pages: int) -> list[tuple[str, str]]:
+    """Volumes long enough to be still in flight when a signal lands, even on a fast host."""
+    vols = [("W1", f"I{n}") for n in range(count)]
+    for w, i in vols:
+        add_repeated_volume(stack, w, i, pages)
+    return vols
+
+
 def test_sigterm_with_no_grace_releases_in_flight_volumes(stack):
     q = setup_job(stack)
-    vols = add_volumes(stack, 2, pages=30)
+    vols = long_volumes(stack, 2, pages=120)
     enqueue(stack, q["queue"], vols)
     run = start_worker(stack, "--grace", "0", "--shutdown-after-empty", "0")
     run.wait_for("Processing message", timeout=60)
@@ -99,13 +107,13 @@ def test_sigterm_with_no_grace_releases_in_flight_volumes(stack):
     visible, in_flight = queue_counts(stack, q["queue"])
     assert visible >= len(released) and in_flight == 0  # visible again at once
     run_worker(stack)
-    rows = assert_all_done_once(stack, vols, 30)
+    rows = assert_all_done_once(stack, vols, 120)
     assert any(r["attempt"] == 2 for r in rows)
 
 
 def test_second_signal_releases_at_once(stack):
     q = setup_job(stack)
-    vols = add_volumes(stack, 2, pages=30)
+    vols = long_volumes(stack, 2, pages=120)
     enqueue(stack, q["queue"], vols)
     run = start_worker(stack, "--grace", "300", "--shutdown-after-empty", "0")
     run.wait_for("Processing message", timeout=60)
