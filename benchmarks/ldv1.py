@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         from bec.ldv1.segmenter import load_segmenter
 
-        infer_threads = cores  # the worker's default for a CPU inference process
+        from bec.pipeline.supervisor import default_cpu_threads
+
+        infer_threads = default_cpu_threads(model_path, cores)  # as the worker would run it
         torch.set_num_threads(infer_threads)
         segmenter = load_segmenter(model_path, torch.device(args.device), args.precision,
                                    threshold=cfg["line_threshold"], tile=cfg["tile_size"])
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.skip_baselines:
             from benchmarks import baselines
 
-            torch.set_num_threads(cores)
+            torch.set_num_threads(infer_threads)  # the baselines' model runs as the pipeline's does
             seq = baselines.sequential(items, source, "us-east-1", segmenter, cfg)
             results["baselines"].append(seq)
             for p in procs_list:

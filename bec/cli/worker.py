@@ -69,7 +69,8 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
 @click.option("--fetch-threads", type=click.IntRange(1, 64), default=None,
               help="Concurrent S3 GETs per fetch process [default: 4].")
 @click.option("--infer-threads", type=click.IntRange(1, 256), default=None,
-              help="torch threads of a CPU inference process [default: usable cores; env BEC_INFER_THREADS].")
+              help="torch threads of a CPU inference process [default: usable cores, 1 for the null model; "
+                   "env BEC_INFER_THREADS].")
 @click.option("--infer-procs", type=click.IntRange(1, 64), default=None,
               help="Inference processes [default: one per GPU; on CPU 1; env BEC_INFER_PROCS].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -106,7 +107,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     from bec.logs import setup_logging
     from bec.pipeline.child import PipelineSpec
     from bec.pipeline.slots import SlotPool
-    from bec.pipeline.supervisor import Supervisor, model_identity, new_namespace, slot_count
+    from bec.pipeline.supervisor import Supervisor, default_cpu_threads, model_identity, new_namespace, slot_count
 
     log_json = bool(_setting(app, opts["log_json"], "BEC_LOG_JSON", False, lambda v: v.lower() in ("1", "true", "yes")))
     setup_logging(json_lines=log_json)
@@ -158,8 +159,8 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
         fetch_threads=_setting(app, opts["fetch_threads"], "BEC_FETCH_THREADS", 4, int),
         n_fetch=procs, n_infer=n_infer,
         n_post=_setting(app, opts["post_procs"], "BEC_POST_PROCS", max(1, procs // 4), int),
-        # all cores: on CPU the model is most of the work, and the fetch processes mostly wait
-        infer_threads=_setting(app, opts["infer_threads"], "BEC_INFER_THREADS", cores, int),
+        infer_threads=_setting(app, opts["infer_threads"], "BEC_INFER_THREADS",
+                               default_cpu_threads(model_path, cores), int),
         cpu_nice=_setting(app, None, "BEC_CPU_NICE", 10, int),
         poll_wait=_setting(app, opts["poll_wait"], "BEC_POLL_WAIT", 20, int),
         visibility_timeout=_setting(app, opts["visibility_timeout"], "BEC_VISIBILITY_TIMEOUT", 300, int),
