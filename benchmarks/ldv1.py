@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    from bec.pipeline import heap
+
+    heap.keep_freed_memory()  # stages alone and baselines get the heap the worker's processes have
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

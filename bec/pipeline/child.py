@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from bec.errors import BadInput
+from bec.pipeline import heap
 from bec.pipeline.messages import Fatal, Mailbox, Message, PageFailed, Ready, Stop
 from bec.pipeline.slots import DONE, SharedFd, SlotLayout, SlotPool
 
@@ -156,6 +157,7 @@ def child_main(spec: ChildSpec) -> None:
         # priority lets decoding fill the gaps instead. The controller keeps its priority: its
         # heartbeats and visibility extensions must never wait behind the model.
         os.nice(spec.pipeline.cpu_nice)
+    heap.keep_freed_memory()  # big buffers are reused, not faulted in again for every page
     mailbox = Mailbox(spec.pipeline.namespace, spec.role)
     mailbox.start_reader()
     slots = SlotPool.attach(spec.pipeline.slots)
