@@ -184,3 +184,18 @@ def test_too_many_errors_is_retryable(stack):
     assert visible + in_flight == 1
     assert queue_counts(stack, q["dlq"]) == (0, 0)
     assert not stack.s3.list_objects_v2(Bucket="bec-test-artifacts").get("Contents")
+
+
+def test_cpu_host_scheduling_of_the_processes(stack):
+    """On CPU the model's threads own the cores: helpers are niced, OpenMP spins briefly."""
+    setup_job(stack)
+    run = start_worker(stack, "--shutdown-after-empty", "0")
+    try:
+        kids = run.wait_children(["controller", "fetch-0", "infer-0", "post-0"])
+        run.wait_for("processes ready", timeout=60)
+        assert kids["fetch-0"].nice() == 19 and kids["post-0"].nice() == 19
+        assert kids["controller"].nice() == 0 and kids["infer-0"].nice() == 0  # heartbeats never wait
+        assert kids["infer-0"].environ()["GOMP_SPINCOUNT"] == "10000"
+    finally:
+        run.signal(signal.SIGTERM)
+        assert run.wait(60) == 0, run.output

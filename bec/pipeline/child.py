@@ -53,7 +53,7 @@ class PipelineSpec:
     n_infer: int = 1
     n_post: int = 1
     infer_threads: int = 1
-    cpu_nice: int = 10  # niceness of the fetch and post processes on CPU hosts
+    cpu_nice: int = 19  # niceness of the fetch and post processes on CPU hosts
     poll_wait: int = 20
     visibility_timeout: int = 300
     shutdown_after_empty: int = 6
