@@ -66,17 +66,22 @@ def _scrape(port: int) -> dict[str, float]:
 
 def run_worker(stack: Stack, job: str, volumes: list[tuple[str, str]], pages: int, model: str,
                procs: int, source: str, extra: list[str] | None = None, timeout: float = 3600,
-               log_path: Path | None = None) -> dict[str, Any]:
-    """Start a worker, wait until it is ready, enqueue, wait until every volume is done."""
+               log_path: Path | None = None, device: str = "cpu", precision: str = "fp32",
+               config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start a worker, wait until it is ready, enqueue, wait until every volume is done.
+
+    The job's config carries the device and precision, and the worker is told the device, so
+    a ``--device cuda`` benchmark runs its pipeline on the GPU too.
+    """
     exe = str(Path(sys.executable).with_name("bec"))
-    subprocess.run([exe, "jobs", "create", "--name", job, "--config-text",
-                    json.dumps({"use_gpu": False, "precision": "fp32"})],
+    job_config = {**(config or {}), "use_gpu": device == "cuda", "precision": precision}
+    subprocess.run([exe, "jobs", "create", "--name", job, "--config-text", json.dumps(job_config)],
                    env=stack.env, check=True, capture_output=True)
-    job_row = stack.db.row("SELECT id, queue_url FROM jobs WHERE name = %s", (job,))
+    job_row = stack.db.row("SELECT id, queue_url, config FROM jobs WHERE name = %s", (job,))
     port = free_port()
     cmd = [exe, "worker", "--job-name", job, "--model-path", model, "--procs", str(procs),
            "--poll-wait", "1", "--shutdown-after-empty", "0", "--s3-source-bucket", source,
-           "--metrics-port", str(port), "--metrics-addr", "127.0.0.1", *(extra or [])]
+           "--metrics-port", str(port), "--metrics-addr", "127.0.0.1", "--device", device, *(extra or [])]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -131,7 +136,8 @@ def run_worker(stack: Stack, job: str, volumes: list[tuple[str, str]], pages: in
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     long_waits = delta("bec_inference_wait_seconds_count") - delta("bec_inference_wait_seconds_bucket{le=0.1}")
-    return {"procs": procs, "pages": int(span["pages"]), "errors": int(span["errors"] or 0),
+    return {"procs": procs, "device": device, "job_config": job_row["config"],
+            "pages": int(span["pages"]), "errors": int(span["errors"] or 0),
             "seconds": round(seconds, 3), "pages_per_s": round(int(span["pages"]) / seconds, 2),
             "peak_rss_mb": round(peak / 2**20, 1), "peak_pss_mb": round(peak_pss / 2**20, 1),
             "median_pss_mb": round(sorted(samples)[len(samples) // 2] / 2**20, 1),

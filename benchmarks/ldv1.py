@@ -173,13 +173,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         infer.extra["threads"] = infer_threads
         results["stages"] += [stages.as_dict(infer), stages.as_dict(post),
                               stages.as_dict(stages.parquet(outcomes, max(1, len(items) // args.volumes)))]
+        results["stages"] += [stages.as_dict(r) for r in stages.host_to_device(frames, args.device)]
 
         # -- the pipeline -------------------------------------------------------------------
         by_name = {s["name"]: s for s in results["stages"]}
         vols = [(w, i) for w, i, _ in corpus.volumes]
         for p in procs_list:
             run = e2e.run_worker(stack, f"ldv1-bench-{p}-{int(time.time())}", vols, corpus.pages, model_path, p,
-                                 source, log_path=out / f"worker-p{p}.log")
+                                 source, log_path=out / f"worker-p{p}.log", device=args.device,
+                                 precision=args.precision, config=overrides)
             decode_p = next(s for s in results["stages"] if s["name"].startswith(f"decode {p}p [pipeline"))
             fetch_p = next(s for s in results["stages"] if s["name"].startswith(f"fetch ({p}p"))
             limits = {"decode": decode_p["pages_per_s"], "infer": infer.pages_per_s,
@@ -241,7 +243,7 @@ def report(results: dict[str, Any]) -> None:
         t.add_column(col, justify="left" if col in ("stage", "notes") else "right")
     for s in results["stages"]:
         notes = ", ".join(f"{k}={v}" for k, v in s.items() if k in ("tiles_per_s", "tiles", "threads",
-                                                                     "second_pass_pages", "bytes_per_page"))
+                                                                     "second_pass_pages", "bytes_per_page", "gb_per_s"))
         t.add_row(s["name"], f"{s['pages_per_s']:.1f}", f"{s['median_ms']:.1f}", f"{s['p95_ms']:.1f}",
                   f"{s.get('cpu_ms_per_page', 0):.1f}", notes)
     console.print(t)

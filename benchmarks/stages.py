@@ -174,6 +174,36 @@ def infer_and_post(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any]) -
     return infer, postr, outcomes
 
 
+def host_to_device(frames: list[W.Frame], device: str) -> list[StageResult]:
+    """Host → accelerator copy of each page's frame (uint8), as the inference process does it
+    (from pageable shared memory), and from pinned memory for comparison. CUDA only."""
+    import torch
+
+    if not device.startswith("cuda") or not frames:
+        return []
+    dev = torch.device(device)
+    out = []
+    for pinned in (False, True):
+        hosts = [torch.from_numpy(f.binary) for f in frames]
+        if pinned:
+            hosts = [h.pin_memory() for h in hosts]
+        hosts[0].to(dev, non_blocking=True)
+        torch.cuda.synchronize(dev)
+        times = []
+        started = time.perf_counter()
+        for h in hosts:
+            t = time.perf_counter()
+            h.to(dev, non_blocking=True)
+            torch.cuda.synchronize(dev)
+            times.append((time.perf_counter() - t) * 1000)
+        seconds = time.perf_counter() - started
+        nbytes = sum(h.numel() for h in hosts)
+        label = "pinned" if pinned else "pageable, as the pipeline copies"
+        out.append(StageResult(f"host→device copy ({label})", len(hosts), seconds, times,
+                               extra={"gb_per_s": round(nbytes / seconds / 1e9, 2)}))
+    return out
+
+
 def parquet(outcomes: list, per_volume: int) -> StageResult:
     from bec import artifacts
 
