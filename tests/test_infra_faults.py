@@ -32,7 +32,8 @@ from bec.devstack import postgres as pgstack
 from bec.devstack.volumes import ensure_bucket
 from bec.ids import queue_names
 from conftest import DEST_BUCKET, SOURCE_BUCKET, Stack, stack_env
-from workerkit import JOB, add_repeated_volume, add_volumes, enqueue, read_parquet, setup_job, start_worker, tasks
+from workerkit import (JOB, add_repeated_volume, add_volumes, enqueue, long_volumes, read_parquet, setup_job,
+                       start_worker, tasks)
 
 pytestmark = pytest.mark.slow
 
@@ -109,9 +110,7 @@ def dlq_depth(stack: Stack, url: str) -> int:
 def test_postgres_restart_mid_run_loses_nothing(pg_stack, private_pg):
     stack = pg_stack
     q = setup_job(stack)
-    vols = [("W1", f"I{n}") for n in range(4)]   # long enough to be mid-run on a fast host
-    for w, i in vols:
-        add_repeated_volume(stack, w, i, 40)
+    vols = long_volumes(stack, 4, pages=40)
     enqueue(stack, q["queue"], vols)
     run = start_worker(stack, "--max-volumes-in-flight", "1", "--shutdown-after-empty", "4")
     run.wait_for("Processing message", timeout=60)

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from workerkit import (no_shm_leak,  # noqa: F401 - fixture
-                       add_repeated_volume, add_volumes, enqueue, queue_counts, read_parquet, run_worker, setup_job,
+                       add_repeated_volume, add_volumes, enqueue, long_volumes, queue_counts, read_parquet, run_worker, setup_job,
                        start_worker, tasks)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
@@ -83,14 +83,6 @@ def test_sigterm_drains_and_exits_0(stack):
     assert worker["stopped_at"] is not None
     run_worker(stack)
     assert_all_done_once(stack, vols, 10)
-
-
-def long_volumes(stack, count: int, pages: int) -> list[tuple[str, str]]:
-    """Volumes long enough to be still in flight when a signal lands, even on a fast host."""
-    vols = [("W1", f"I{n}") for n in range(count)]
-    for w, i in vols:
-        add_repeated_volume(stack, w, i, pages)
-    return vols
 
 
 def test_sigterm_with_no_grace_releases_in_flight_volumes(stack):

@@ -208,3 +208,11 @@ def add_repeated_volume(stack: Stack, w: str, i: str, pages: int, seed: int = 7)
     for name in names:
         stack.s3.put_object(Bucket=SOURCE_BUCKET, Key=prefix + name, Body=data)
     put_manifest(stack.s3, SOURCE_BUCKET, w, i, [{"filename": n, "width": wd, "height": h} for n in names])
+
+
+def long_volumes(stack: Stack, count: int, pages: int) -> list[tuple[str, str]]:
+    """Volumes long enough to be still in flight when a fault lands, even on a fast host."""
+    vols = [("W1", f"I{n}") for n in range(count)]
+    for w, i in vols:
+        add_repeated_volume(stack, w, i, pages)
+    return vols

@@ -161,7 +161,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
         n_post=_setting(app, opts["post_procs"], "BEC_POST_PROCS", max(1, procs // 4), int),
         infer_threads=_setting(app, opts["infer_threads"], "BEC_INFER_THREADS",
                                default_cpu_threads(model_path, cores), int),
-        cpu_nice=_setting(app, None, "BEC_CPU_NICE", 19, int),
+        cpu_nice=_setting(app, None, "BEC_CPU_NICE", PipelineSpec.cpu_nice, int),
         poll_wait=_setting(app, opts["poll_wait"], "BEC_POLL_WAIT", 20, int),
         visibility_timeout=_setting(app, opts["visibility_timeout"], "BEC_VISIBILITY_TIMEOUT", 300, int),
         shutdown_after_empty=_setting(app, opts["shutdown_after_empty"], "BEC_SHUTDOWN_AFTER_EMPTY", 6, int),
