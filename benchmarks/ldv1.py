@@ -162,15 +162,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         from bec.ldv1.segmenter import load_segmenter
 
-        from bec.pipeline.supervisor import default_cpu_threads
+        from bec.pipeline.supervisor import cpu_inference_layout
 
-        infer_threads = default_cpu_threads(model_path, cores)  # as the worker would run it
-        torch.set_num_threads(infer_threads)
+        # Inference alone runs as the worker lays it out: on a CPU host, model replicas side
+        # by side (see cpu_inference_layout); on a GPU one process.
+        layout = cpu_inference_layout(model_path, cores) if args.device == "cpu" else (1, cores)
+        # The baselines are what a user would write: one process, torch's threads = the cores.
+        baseline_threads = 1 if model_path == "null" else cores
+        torch.set_num_threads(baseline_threads)
         segmenter = load_segmenter(model_path, torch.device(args.device), args.precision,
                                    threshold=cfg["line_threshold"], tile=cfg["tile_size"])
-        frames = [W.decode_frame(p.data, cfg) for *_, p in items]
-        infer, post, outcomes = stages.infer_and_post(segmenter, frames, cfg)
-        infer.extra["threads"] = infer_threads
+        frames = [W.decode_frame(p.data, cfg) for *_, p in items] if layout[0] == 1 or args.device != "cpu" else []
+        if layout[0] > 1:
+            infer, post, outcomes = stages.infer_and_post_replicas(model_path, args.device, args.precision, cfg,
+                                                                   layout, len(items), args.pages, args.volumes,
+                                                                   cache)
+        else:
+            torch.set_num_threads(layout[1])
+            infer, post, outcomes = stages.infer_and_post(segmenter, frames, cfg)
         results["stages"] += [stages.as_dict(infer), stages.as_dict(post),
                               stages.as_dict(stages.parquet(outcomes, max(1, len(items) // args.volumes)))]
         results["stages"] += [stages.as_dict(r) for r in stages.host_to_device(frames, args.device)]
@@ -207,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.skip_baselines:
             from benchmarks import baselines
 
-            torch.set_num_threads(infer_threads)  # the baselines' model runs as the pipeline's does
+            torch.set_num_threads(baseline_threads)
             seq = baselines.sequential(items, source, "us-east-1", segmenter, cfg)
             results["baselines"].append(seq)
             for p in procs_list:
@@ -243,7 +252,8 @@ def report(results: dict[str, Any]) -> None:
         t.add_column(col, justify="left" if col in ("stage", "notes") else "right")
     for s in results["stages"]:
         notes = ", ".join(f"{k}={v}" for k, v in s.items() if k in ("tiles_per_s", "tiles", "threads",
-                                                                     "second_pass_pages", "bytes_per_page", "gb_per_s"))
+                                                                     "second_pass_pages", "bytes_per_page", "gb_per_s",
+                                                                     "procs"))
         t.add_row(s["name"], f"{s['pages_per_s']:.1f}", f"{s['median_ms']:.1f}", f"{s['p95_ms']:.1f}",
                   f"{s.get('cpu_ms_per_page', 0):.1f}", notes)
     console.print(t)
@@ -258,7 +268,9 @@ def report(results: dict[str, Any]) -> None:
         t.add_row(str(r["procs"]), f"{r['pages_per_s']:.2f}", f"{r['ceiling_pages_per_s']:.2f} ({r['ceiling_stage']})",
                   f"{r['efficiency']:.2f}", f"{r['slowest_stage_pages_per_s']:.2f}",
                   f"{r['cpu_budget_pages_per_s']:.2f}", f"{r['decode_only_ratio']:.2f}",
-                  f"{r['inference_busy_ratio']:.0%}", f"{r['peak_pss_mb']:.0f}")
+                  f"{r['inference_busy_ratio']:.0%}" + (f" (each of {r['inference_procs']})"
+                                                         if r.get("inference_procs", 1) > 1 else ""),
+                  f"{r['peak_pss_mb']:.0f}")
     console.print(t)
     if results["baselines"]:
         t = Table(title="Baselines (same model, data and post-processing)")

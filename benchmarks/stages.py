@@ -140,13 +140,31 @@ def decoders_side_by_side(datas: list[bytes], kinds: list[str]) -> dict[str, Any
     return out
 
 
-# -- inference and post-processing (one process, as in the pipeline) ---------------------------
-def infer_and_post(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any]) -> tuple[StageResult, StageResult, list]:
+# -- inference and post-processing -------------------------------------------------------------
+@dataclass
+class InferPostPart:
+    """One process' share of the inference and post-processing stages.
+
+    The model phases are timed between barriers (``sync``) so that replicas running side by
+    side are measured over the same wall-clock window: ``infer_spans`` holds each model phase's
+    (start, end) on the host's monotonic clock."""
+    infer_spans: list[tuple[float, float]]
+    infer_cpu: float
+    tiles: int
+    post_s: float
+    post_cpu: float
+    post_ms: list[float]
+    redo: int
+    outcomes: list
+
+
+def _infer_post_part(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any], sync=lambda: None) -> InferPostPart:
     tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
     W.segment_frames(segmenter, frames[:2], tile, max_tiles)  # warm-up
-    t, c = time.perf_counter(), time.process_time()
+    sync()
+    t, c = time.monotonic(), time.process_time()
     masks = W.segment_frames(segmenter, frames, tile, max_tiles)
-    infer_s, infer_cpu = time.perf_counter() - t, time.process_time() - c
+    spans, infer_cpu = [(t, time.monotonic())], time.process_time() - c
     tiles = sum(W.tiles_of(f, tile) for f in frames)
     post_ms, results = [], []
     t, c = time.perf_counter(), time.process_time()
@@ -157,21 +175,89 @@ def infer_and_post(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any]) -
     redo = [(i, W.rotated(frames[i], angle), angle) for i, (_, angle) in enumerate(results) if angle]
     post_s, post_cpu = time.perf_counter() - t, time.process_time() - c
     outcomes = [o for o, _ in results]
-    if redo:
-        t, c = time.perf_counter(), time.process_time()
-        masks2 = W.segment_frames(segmenter, [f for _, f, _ in redo], tile, max_tiles)
-        infer_s, infer_cpu = infer_s + time.perf_counter() - t, infer_cpu + time.process_time() - c
-        tiles += sum(W.tiles_of(f, tile) for _, f, _ in redo)
-        t, c = time.perf_counter(), time.process_time()
-        for (i, f, angle), m in zip(redo, masks2):
-            outcomes[i] = W.post(m, f, rotation=angle)[0]
-        post_s, post_cpu = post_s + time.perf_counter() - t, post_cpu + time.process_time() - c
-    n = len(frames)
+    sync()  # every replica's second passes, side by side
+    t, c = time.monotonic(), time.process_time()
+    masks2 = W.segment_frames(segmenter, [f for _, f, _ in redo], tile, max_tiles) if redo else []
+    spans.append((t, time.monotonic()))
+    infer_cpu += time.process_time() - c
+    tiles += sum(W.tiles_of(f, tile) for _, f, _ in redo)
+    t, c = time.perf_counter(), time.process_time()
+    for (i, f, angle), m in zip(redo, masks2):
+        outcomes[i] = W.post(m, f, rotation=angle)[0]
+    post_s, post_cpu = post_s + time.perf_counter() - t, post_cpu + time.process_time() - c
+    return InferPostPart(spans, infer_cpu, tiles, post_s, post_cpu, post_ms, len(redo), outcomes)
+
+
+def _merge(parts: list[InferPostPart], layout: tuple[int, int]) -> tuple[StageResult, StageResult, list]:
+    """Inference over the replicas' common window; post-processing as one process would do it."""
+    infer_s = sum(max(p.infer_spans[k][1] for p in parts) - min(p.infer_spans[k][0] for p in parts)
+                  for k in range(2))
+    n = sum(len(p.outcomes) for p in parts)
+    tiles = sum(p.tiles for p in parts)
+    procs, threads = layout
     infer = StageResult("infer (tiling, model, stitching; second passes included)", n, infer_s,
                         extra={"tiles": tiles, "tiles_per_s": round(tiles / infer_s, 2) if infer_s else 0,
-                               "second_pass_pages": len(redo)}, cpu_s=infer_cpu)
-    postr = StageResult("post (contours, skew, second-pass rotation)", n, post_s, post_ms, cpu_s=post_cpu)
+                               "second_pass_pages": sum(p.redo for p in parts), "procs": procs,
+                               "threads": threads},
+                        cpu_s=sum(p.infer_cpu for p in parts))
+    postr = StageResult("post (contours, skew, second-pass rotation)", n, sum(p.post_s for p in parts),
+                        [ms for p in parts for ms in p.post_ms], cpu_s=sum(p.post_cpu for p in parts))
+    outcomes: list = [None] * n
+    for k, p in enumerate(parts):  # replica k had pages k, k + procs, k + 2·procs…
+        outcomes[k::len(parts)] = p.outcomes
     return infer, postr, outcomes
+
+
+def infer_and_post(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any]) -> tuple[StageResult, StageResult, list]:
+    """Inference and post-processing in this process (its torch threads as they are set)."""
+    return _merge([_infer_post_part(segmenter, frames, cfg)], (1, _torch_threads()))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _init_replica(barrier: Any, model_path: str, device: str, precision: str, cfg: dict[str, Any],
+                  threads: int, pages: int, volumes: int, cache: str) -> None:
+    from bec.pipeline import heap
+
+    heap.keep_freed_memory()  # as every worker process does
+    import torch
+
+    from bec.ldv1.segmenter import load_segmenter
+
+    torch.set_num_threads(threads)
+    _state["barrier"] = barrier
+    _state["cfg"] = cfg
+    _state["segmenter"] = load_segmenter(model_path, torch.device(device), precision,
+                                         threshold=cfg["line_threshold"], tile=cfg["tile_size"])
+    _state["items"] = [p.data for *_, p in C.build(pages, volumes, cache_dir=Path(cache)).items()]
+
+
+def _replica_share(indices: list[int]) -> InferPostPart:
+    frames = [W.decode_frame(_state["items"][i], _state["cfg"]) for i in indices]
+    return _infer_post_part(_state["segmenter"], frames, _state["cfg"], sync=_state["barrier"].wait)
+
+
+def infer_and_post_replicas(model_path: str, device: str, precision: str, cfg: dict[str, Any], layout: tuple[int, int],
+                            n: int, pages: int, volumes: int, cache: Path) -> tuple[StageResult, StageResult, list]:
+    """Inference as the worker lays it out on a CPU host: ``procs`` model replicas of ``threads``
+    torch threads, running side by side on their shares of the corpus (page k to replica k mod
+    procs). Frames are decoded before the clock starts; the model phases of all replicas are
+    timed over one window, so the figure is what the replicas deliver together."""
+    import multiprocessing
+
+    procs, threads = layout
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(procs)
+        with ProcessPoolExecutor(procs, mp_context=ctx, initializer=_init_replica,
+                                 initargs=(barrier, model_path, device, precision, cfg, threads, pages,
+                                           volumes, str(cache))) as ex:
+            parts = list(ex.map(_replica_share, [list(range(k, n, procs)) for k in range(procs)]))
+    return _merge(parts, layout)
 
 
 def host_to_device(frames: list[W.Frame], device: str) -> list[StageResult]:

@@ -28,3 +28,31 @@ def test_tiny_benchmark_runs_every_part(tmp_path, monkeypatch):
     assert run["job_config"]["use_gpu"] is False and run["job_config"]["precision"] == "fp32"
     assert [b["pages"] for b in result["baselines"]] == [8, 8]
     assert "turbojpeg_gray_ms" in result["decoders"]
+
+
+def test_inference_replicas_do_the_work_of_one_process(tmp_path):
+    """Inference alone as a CPU worker lays it out (two replicas side by side): the same pages,
+    tiles and results, in corpus order, as one process with the same threads per replica."""
+    import torch
+
+    from benchmarks import corpus as C
+    from benchmarks import pagework as W
+    from benchmarks import stages
+    from bec.devstack.stack import shipped_model
+    from bec.ldv1.segmenter import load_segmenter
+
+    corpus = C.build(6, 2, cache_dir=tmp_path)
+    cfg = W.config(max_tiles_per_batch=4)
+    model = str(shipped_model())
+    torch.set_num_threads(1)
+    seg = load_segmenter(model, torch.device("cpu"), "fp32", threshold=cfg["line_threshold"], tile=cfg["tile_size"])
+    frames = [W.decode_frame(p.data, cfg) for *_, p in corpus.items()]
+    one, _, expected = stages.infer_and_post(seg, frames, cfg)
+    two, post, got = stages.infer_and_post_replicas(model, "cpu", "fp32", cfg, (2, 1), 6, 6, 2, tmp_path)
+    assert two.pages == one.pages == 6 and post.pages == 6
+    assert two.extra["procs"] == 2 and two.extra["threads"] == 1
+    assert two.extra["tiles"] == one.extra["tiles"] > 6 and two.seconds > 0 and two.cpu_s > 0
+    assert [(o.width, o.height, o.skew_angle, len(o.contours)) for o in got] == \
+        [(o.width, o.height, o.skew_angle, len(o.contours)) for o in expected]
+    for a, b in zip(got, expected):
+        assert all((ca == cb).all() for ca, cb in zip(a.contours, b.contours))

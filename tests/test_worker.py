@@ -199,3 +199,19 @@ def test_cpu_host_scheduling_of_the_processes(stack):
     finally:
         run.signal(signal.SIGTERM)
         assert run.wait(60) == 0, run.output
+
+
+def test_cpu_inference_layout_replicas_per_core():
+    """A real model: one single-threaded replica per core up to 8, then more threads each; the
+    null model: one process, one thread; the operator's choice wins and fills in the rest."""
+    from bec.pipeline.supervisor import cpu_inference_layout
+
+    model = "small.pth"
+    assert cpu_inference_layout(model, 1) == (1, 1)
+    assert cpu_inference_layout(model, 2) == (2, 1)
+    assert cpu_inference_layout(model, 8) == (8, 1)
+    assert cpu_inference_layout(model, 32) == (8, 4)
+    assert cpu_inference_layout(model, 4, procs=1) == (1, 4)
+    assert cpu_inference_layout(model, 4, threads=2) == (2, 2)
+    assert cpu_inference_layout("null", 16) == (1, 1)
+    assert cpu_inference_layout("null", 16, procs=2) == (2, 1)

@@ -69,10 +69,11 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
 @click.option("--fetch-threads", type=click.IntRange(1, 64), default=None,
               help="Concurrent S3 GETs per fetch process [default: 4].")
 @click.option("--infer-threads", type=click.IntRange(1, 256), default=None,
-              help="torch threads of a CPU inference process [default: usable cores, 1 for the null model; "
-                   "env BEC_INFER_THREADS].")
+              help="torch threads of each CPU inference process [default: usable cores ÷ inference processes, "
+                   "1 for the null model; env BEC_INFER_THREADS].")
 @click.option("--infer-procs", type=click.IntRange(1, 64), default=None,
-              help="Inference processes [default: one per GPU; on CPU 1; env BEC_INFER_PROCS].")
+              help="Inference processes [default: one per GPU; on CPU one per usable core (at most 8), 1 for the "
+                   "null model; env BEC_INFER_PROCS].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Inference device; auto = CUDA when the job config's use_gpu and a GPU are present.")
 @click.option("--grace", type=click.FloatRange(0), default=None,
@@ -107,7 +108,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     from bec.logs import setup_logging
     from bec.pipeline.child import PipelineSpec
     from bec.pipeline.slots import SlotPool
-    from bec.pipeline.supervisor import Supervisor, default_cpu_threads, model_identity, new_namespace, slot_count
+    from bec.pipeline.supervisor import Supervisor, cpu_inference_layout, model_identity, new_namespace, slot_count
 
     log_json = bool(_setting(app, opts["log_json"], "BEC_LOG_JSON", False, lambda v: v.lower() in ("1", "true", "yes")))
     setup_logging(json_lines=log_json)
@@ -130,7 +131,12 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     device = opts["device"]
     if device == "auto":
         device = "cuda" if config["use_gpu"] and gpus else "cpu"
-    n_infer = _setting(app, opts["infer_procs"], "BEC_INFER_PROCS", max(1, gpus) if device == "cuda" else 1, int)
+    n_infer = _setting(app, opts["infer_procs"], "BEC_INFER_PROCS", None, int)
+    infer_threads = _setting(app, opts["infer_threads"], "BEC_INFER_THREADS", None, int)
+    if device == "cuda":
+        n_infer, infer_threads = n_infer or max(1, gpus), infer_threads or 1
+    else:
+        n_infer, infer_threads = cpu_inference_layout(model_path, cores, n_infer, infer_threads)
     sqs = app.sqs
     with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
         queues.queue_arn(sqs, job.queue_url)  # the queue exists and the endpoint answers
@@ -159,8 +165,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
         fetch_threads=_setting(app, opts["fetch_threads"], "BEC_FETCH_THREADS", 4, int),
         n_fetch=procs, n_infer=n_infer,
         n_post=_setting(app, opts["post_procs"], "BEC_POST_PROCS", max(1, procs // 4), int),
-        infer_threads=_setting(app, opts["infer_threads"], "BEC_INFER_THREADS",
-                               default_cpu_threads(model_path, cores), int),
+        infer_threads=infer_threads,
         cpu_nice=_setting(app, None, "BEC_CPU_NICE", PipelineSpec.cpu_nice, int),
         poll_wait=_setting(app, opts["poll_wait"], "BEC_POLL_WAIT", 20, int),
         visibility_timeout=_setting(app, opts["visibility_timeout"], "BEC_VISIBILITY_TIMEOUT", 300, int),
@@ -176,7 +181,8 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     slots = SlotPool.create(slot_count(pipeline), area, roles=len(pipeline.roles) + 1)
     pipeline.slots = slots.handle()
     say(f"Pipeline: {pipeline.n_fetch} fetch × {pipeline.fetch_threads} threads, "
-        f"{pipeline.n_infer} inference ({device}), {pipeline.n_post} post, "
+        f"{pipeline.n_infer} inference ({device}"
+        f"{'' if device == 'cuda' else f' × {pipeline.infer_threads} threads'}), {pipeline.n_post} post, "
         f"{slots.layout.count} slots of {2 * slots.layout.area_bytes >> 20} MiB")
     grace = _setting(app, opts["grace"], "BEC_GRACE", 120.0, float)
     metrics_port = _setting(app, opts["metrics_port"], "BEC_METRICS_PORT", 9108, int)

@@ -1,6 +1,7 @@
 """Inference process: tiles from many pages (and volumes) → batched model → line masks.
 
-One process per accelerator (one on CPU). It gathers ``FrameReady`` slots until a batch
+One process per accelerator; on a CPU host, single-threaded model replicas, one per core
+(``supervisor.cpu_inference_layout``). It gathers ``FrameReady`` slots until a batch
 holds ``max_tiles_per_batch`` tiles or ``batch_size`` pages (or nothing more is waiting),
 runs the segmenter once, stitches each page's mask back into its slot and hands the slot
 to a post-processing process. On a GPU the threshold and the tiling run on the device
@@ -66,7 +67,9 @@ class Inference:
         self.on_gpu = segmenter.device.type == "cuda"
         self.forward_tiles = forward_tiles(segmenter.device.type, self.max_tiles)
         self.busy_s = 0.0
-        self.device_label = str(segmenter.device)
+        # CPU replicas share the device "cpu": each reports its own busy ratio as cpu:<replica>.
+        replica = ctx.spec.role.rsplit("-", 1)[1]
+        self.device_label = str(segmenter.device) if self.on_gpu else f"cpu:{replica}"
         self._window = (time.perf_counter(), 0.0)  # (start, busy seconds at start)
 
     # gathering ---------------------------------------------------------------------------
