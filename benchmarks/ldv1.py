@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 limits["fetch"] = fetch_p["pages_per_s"]
             # Stages that share the same cores cannot each run at their solo rate: the CPU
             # budget (cores ÷ the CPU time all stages spend per page) is a ceiling too.
-            cpu_ms = (decode_p["cpu_ms_per_page"] + by_name[infer.name]["cpu_ms_per_page"]
+            cpu_ms = (fetch_p["cpu_ms_per_page"] + decode_p["cpu_ms_per_page"] + by_name[infer.name]["cpu_ms_per_page"]
                       + by_name[post.name]["cpu_ms_per_page"]
                       + by_name["parquet (build + write)"]["cpu_ms_per_page"])
             limits["cpu budget"] = 1000 * cores / cpu_ms if cpu_ms else float("inf")

@@ -49,8 +49,9 @@ def _init_fetch(source: str, region: str, threads: int, env: dict[str, str]) -> 
     _state["threads"] = threads
 
 
-def _fetch_chunk(keys: list[str]) -> list[float]:
+def _fetch_chunk(keys: list[str]) -> tuple[list[float], float]:
     client, bucket = _state["client"], _state["source"]
+    cpu = time.process_time()
 
     def one(key: str) -> float:
         t = time.perf_counter()
@@ -58,7 +59,7 @@ def _fetch_chunk(keys: list[str]) -> list[float]:
         return (time.perf_counter() - t) * 1000
 
     with ThreadPoolExecutor(_state["threads"]) as pool:
-        return list(pool.map(one, keys))
+        return list(pool.map(one, keys)), time.process_time() - cpu
 
 
 def fetch(keys: list[str], source: str, region: str, procs: int, threads: int) -> StageResult:
@@ -67,9 +68,10 @@ def fetch(keys: list[str], source: str, region: str, procs: int, threads: int) -
     with ProcessPoolExecutor(procs, initializer=_init_fetch, initargs=(source, region, threads, env)) as ex:
         list(ex.map(_fetch_chunk, [[k] for k in keys[:procs]]))  # warm connections
         started = time.perf_counter()
-        lat = [ms for part in ex.map(_fetch_chunk, chunks) for ms in part]
+        parts = list(ex.map(_fetch_chunk, chunks))
         seconds = time.perf_counter() - started
-    return StageResult(f"fetch ({procs}p×{threads}t)", len(keys), seconds, lat)
+    lat = [ms for part, _ in parts for ms in part]
+    return StageResult(f"fetch ({procs}p×{threads}t)", len(keys), seconds, lat, cpu_s=sum(cpu for _, cpu in parts))
 
 
 # -- decode (+ resize to the frame + threshold: the fetch process' CPU work) --------------------
