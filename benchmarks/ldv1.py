@@ -172,13 +172,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(baseline_threads)
         segmenter = load_segmenter(model_path, torch.device(args.device), args.precision,
                                    threshold=cfg["line_threshold"], tile=cfg["tile_size"])
-        frames = [W.decode_frame(p.data, cfg) for *_, p in items] if layout[0] == 1 or args.device != "cpu" else []
+        frames: list[W.Frame] = []  # decoded here only where this process runs the model
         if layout[0] > 1:
             infer, post, outcomes = stages.infer_and_post_replicas(model_path, args.device, args.precision, cfg,
                                                                    layout, len(items), args.pages, args.volumes,
                                                                    cache)
         else:
             torch.set_num_threads(layout[1])
+            frames = [W.decode_frame(p.data, cfg) for *_, p in items]
             infer, post, outcomes = stages.infer_and_post(segmenter, frames, cfg)
         results["stages"] += [stages.as_dict(infer), stages.as_dict(post),
                               stages.as_dict(stages.parquet(outcomes, max(1, len(items) // args.volumes)))]

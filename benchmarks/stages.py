@@ -75,8 +75,13 @@ def fetch(keys: list[str], source: str, region: str, procs: int, threads: int) -
 
 
 # -- decode (+ resize to the frame + threshold: the fetch process' CPU work) --------------------
+def _corpus_bytes(pages: int, volumes: int, cache: str) -> list[bytes]:
+    """The corpus' page bytes in corpus order, from the cache the parent process built."""
+    return [p.data for *_, p in C.build(pages, volumes, cache_dir=Path(cache)).items()]
+
+
 def _init_decode(pages: int, volumes: int, cache: str, force_pillow: bool) -> None:
-    _state["items"] = [p.data for *_, p in C.build(pages, volumes, cache_dir=Path(cache)).items()]
+    _state["items"] = _corpus_bytes(pages, volumes, cache)
     _state["cfg"] = W.config()
     _state["pillow"] = force_pillow
 
@@ -212,13 +217,9 @@ def _merge(parts: list[InferPostPart], layout: tuple[int, int]) -> tuple[StageRe
 
 def infer_and_post(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any]) -> tuple[StageResult, StageResult, list]:
     """Inference and post-processing in this process (its torch threads as they are set)."""
-    return _merge([_infer_post_part(segmenter, frames, cfg)], (1, _torch_threads()))
-
-
-def _torch_threads() -> int:
     import torch
 
-    return torch.get_num_threads()
+    return _merge([_infer_post_part(segmenter, frames, cfg)], (1, torch.get_num_threads()))
 
 
 def _init_replica(barrier: Any, model_path: str, device: str, precision: str, cfg: dict[str, Any],
@@ -235,7 +236,7 @@ def _init_replica(barrier: Any, model_path: str, device: str, precision: str, cf
     _state["cfg"] = cfg
     _state["segmenter"] = load_segmenter(model_path, torch.device(device), precision,
                                          threshold=cfg["line_threshold"], tile=cfg["tile_size"])
-    _state["items"] = [p.data for *_, p in C.build(pages, volumes, cache_dir=Path(cache)).items()]
+    _state["items"] = _corpus_bytes(pages, volumes, cache)
 
 
 def _replica_share(indices: list[int]) -> InferPostPart:

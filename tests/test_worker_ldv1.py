@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
 
+from bec.devstack.stack import shipped_model
 from bec.ldv1.deeplab import DeepLabV3Plus
 from workerkit import add_volumes, enqueue, read_parquet, run_worker, setup_job, start_worker, tasks
 
@@ -37,12 +40,9 @@ def test_production_format_checkpoint_runs_through_the_worker(stack, tmp_path):
 def test_a_cpu_worker_runs_one_small_model_replica_per_core(stack):
     """On a CPU host a real model runs as single-threaded replicas, one per core (≤ 8); pages
     reach every replica (slots are routed slot mod replicas) and the volume is whole."""
-    import os
-    from pathlib import Path
-
     cores = len(os.sched_getaffinity(0))
     replicas = min(cores, 8)
-    model = Path(__file__).resolve().parents[1] / "bec" / "ldv1" / "weights" / "small.pth"
+    model = shipped_model()
     q = setup_job(stack)
     vols = add_volumes(stack, 1, pages=6, kinds=("jpeg_gray",), size=(1200, 400))
     enqueue(stack, q["queue"], vols)
@@ -68,7 +68,6 @@ def test_corrupt_model_stops_the_worker_with_the_reason(stack, tmp_path):
     bad.write_bytes(b"\x80\x04 definitely not a checkpoint" * 100)
     run = start_worker(stack, model=str(bad))
     assert run.wait(120) == 1
-    import re
     assert re.search(r"Error: infer-\d+: model checkpoint 'corrupt.pth' cannot be read", run.output), run.output
     worker = stack.db.row("SELECT stopped_at FROM workers")
     assert worker["stopped_at"] is not None

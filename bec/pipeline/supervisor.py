@@ -87,8 +87,7 @@ def cpu_inference_layout(model_path: str, cores: int, procs: int | None = None,
     process keeps up with every decode process the host can run.
     """
     if model_path == "null":
-        n = procs or 1
-        return n, threads or 1
+        return procs or 1, threads or 1
     if procs is None:
         procs = max(1, min(cores // (threads or 1), CPU_MAX_REPLICAS))
     return procs, threads or max(1, cores // procs)
