@@ -86,27 +86,40 @@ def _init_decode(pages: int, volumes: int, cache: str, force_pillow: bool) -> No
     _state["pillow"] = force_pillow
 
 
-def _decode_chunk(indices: list[int]) -> tuple[list[float], float]:
-    out = []
+def _decode_one(i: int) -> float:
+    t = time.perf_counter()
+    W.decode_frame(_state["items"][i], _state["cfg"], _state["pillow"])
+    return (time.perf_counter() - t) * 1000
+
+
+def _decode_chunk(indices: list[int], threads: int) -> tuple[list[float], float]:
     cpu = time.process_time()
-    for i in indices:
-        t = time.perf_counter()
-        W.decode_frame(_state["items"][i], _state["cfg"], _state["pillow"])
-        out.append((time.perf_counter() - t) * 1000)
+    if threads == 1:
+        out = [_decode_one(i) for i in indices]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            out = list(pool.map(_decode_one, indices))
     return out, time.process_time() - cpu
 
 
-def decode(n: int, pages: int, volumes: int, cache: Path, procs: int, force_pillow: bool = False) -> StageResult:
+def decode(n: int, pages: int, volumes: int, cache: Path, procs: int, threads: int = 1,
+           force_pillow: bool = False) -> StageResult:
+    """Decode (+ resize + threshold) alone in ``procs`` processes of ``threads`` threads each.
+
+    With the fetch process' thread count this is the decode-only rate of the pipeline's
+    fetch processes (each decodes in its fetch threads: libjpeg-turbo and OpenCV release
+    the GIL); with one thread it is the per-page latency of a decode on an idle core."""
     chunks = [list(range(i, n, procs)) for i in range(procs)]
     with ProcessPoolExecutor(procs, initializer=_init_decode,
                              initargs=(pages, volumes, str(cache), force_pillow)) as ex:
-        list(ex.map(_decode_chunk, [[0]] * procs))  # imports and caches warm
+        list(ex.map(_decode_chunk, [[0]] * procs, [threads] * procs))  # imports and caches warm
         started = time.perf_counter()
-        parts = list(ex.map(_decode_chunk, chunks))
+        parts = list(ex.map(_decode_chunk, chunks, [threads] * procs))
         seconds = time.perf_counter() - started
     times = [ms for part, _ in parts for ms in part]
     label = "Pillow (pillow-simd)" if force_pillow else "pipeline (turbojpeg for JPEG, Pillow for TIFF)"
-    return StageResult(f"decode {procs}p [{label}]", n, seconds, times, cpu_s=sum(cpu for _, cpu in parts))
+    return StageResult(f"decode {procs}p×{threads}t [{label}]", n, seconds, times,
+                       cpu_s=sum(cpu for _, cpu in parts), extra={"procs": procs, "threads": threads})
 
 
 def decoders_side_by_side(datas: list[bytes], kinds: list[str]) -> dict[str, Any]:
@@ -168,9 +181,10 @@ class InferPostPart:
 def _infer_post_part(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any], sync=lambda: None) -> InferPostPart:
     tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
     W.segment_frames(segmenter, frames[:2], tile, max_tiles)  # warm-up
+    masks = [np.full_like(f.binary, 1) for f in frames]  # touched: the pipeline's slots exist already
     sync()
     t, c = time.monotonic(), time.process_time()
-    masks = W.segment_frames(segmenter, frames, tile, max_tiles)
+    W.segment_frames(segmenter, frames, tile, max_tiles, into=masks)
     spans, infer_cpu = [(t, time.monotonic())], time.process_time() - c
     tiles = sum(W.tiles_of(f, tile) for f in frames)
     post_ms, results = [], []
@@ -184,7 +198,8 @@ def _infer_post_part(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any],
     outcomes = [o for o, _ in results]
     sync()  # every replica's second passes, side by side
     t, c = time.monotonic(), time.process_time()
-    masks2 = W.segment_frames(segmenter, [f for _, f, _ in redo], tile, max_tiles) if redo else []
+    masks2 = W.segment_frames(segmenter, [f for _, f, _ in redo], tile, max_tiles,  # into their first masks
+                              into=[masks[i] for i, _, _ in redo]) if redo else []
     spans.append((t, time.monotonic()))
     infer_cpu += time.process_time() - c
     tiles += sum(W.tiles_of(f, tile) for _, f, _ in redo)

@@ -17,7 +17,12 @@ def test_tiny_benchmark_runs_every_part(tmp_path, monkeypatch):
                "--batch-tiles", "4", "--json", str(out), "--out", str(tmp_path / "bench")])
     result = json.loads(out.read_text())
     names = [s["name"] for s in result["stages"]]
-    assert any(n.startswith("fetch") for n in names) and any(n.startswith("decode 1p [pipeline") for n in names)
+    assert any(n.startswith("fetch") for n in names)
+    # decode as the fetch process does it (its threads), and on one thread with each library
+    decodes = {n: s["pages"] for n, s in zip(names, result["stages"]) if n.startswith("decode")}
+    assert decodes == {"decode 1p×4t [pipeline (turbojpeg for JPEG, Pillow for TIFF)]": 8,
+                       "decode 1p×1t [pipeline (turbojpeg for JPEG, Pillow for TIFF)]": 8,
+                       "decode 1p×1t [Pillow (pillow-simd)]": 8}
     assert any(n.startswith("infer") for n in names) and any(n.startswith("post") for n in names)
     assert all(s["pages_per_s"] > 0 for s in result["stages"])
     run, = result["pipeline"]
@@ -27,6 +32,8 @@ def test_tiny_benchmark_runs_every_part(tmp_path, monkeypatch):
     assert run["device"] == "cpu" and run["job_config"]["max_tiles_per_batch"] == 4
     assert run["job_config"]["use_gpu"] is False and run["job_config"]["precision"] == "fp32"
     assert [b["pages"] for b in result["baselines"]] == [8, 8]
+    assert all(b["ceiling_ratio"] == round(run["ceiling_pages_per_s"] / b["pages_per_s"], 2)
+               for b in result["baselines"])
     assert "turbojpeg_gray_ms" in result["decoders"]
 
 

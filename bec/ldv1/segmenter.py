@@ -55,14 +55,21 @@ class TorchSegmenter:
 
 @dataclass
 class NullSegmenter:
-    """No model: the 'mask' is the ink of the thresholded input. Measures the data plane."""
+    """No model and no lines: the data plane (fetch, decode, tiling, slots, stitching,
+    hand-overs, results, Parquet) measured alone.
+
+    The mask is empty. An earlier null mask was the page's ink: every glyph became a
+    contour, post-processing did ~10× a real model's contour work, squarish glyph
+    clusters sent ~13 % of pages round a second pass, and the null run measured
+    ``findContours`` instead of the data plane.
+    """
 
     device: torch.device
     tile: int = 512
     identity: dict[str, str] = field(default_factory=lambda: {"name": "null", "sha256": "", "arch": "null"})
 
     def segment(self, tiles: torch.Tensor) -> torch.Tensor:
-        return (tiles == 0).to(torch.uint8)
+        return torch.zeros_like(tiles)
 
 
 def load_segmenter(model_path: str, device: torch.device, precision: str = "fp32", *,

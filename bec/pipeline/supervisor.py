@@ -82,9 +82,9 @@ def cpu_inference_layout(model_path: str, cores: int, procs: int | None = None,
     CPU 106–117 ms/page), 2 processes × 1 thread 15.5 / 15.3 / 16.1 (95–99 ms/page), for 310 MB
     more peak PSS.
 
-    The null model stays one process with one thread: its one comparison per pixel is cheaper
-    than handing half of it to another thread (9.7 vs 2.1 CPU ms/page, 400 pages), and one
-    process keeps up with every decode process the host can run.
+    The null model stays one process with one thread: it only tiles and stitches, which is
+    cheaper than handing half of it to another thread, and one process keeps up with every
+    decode process the host can run.
     """
     if model_path == "null":
         return procs or 1, threads or 1
