@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench device-kit clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -21,6 +21,10 @@ test-fast: venv
 
 bench: venv
 	$(VENV)/bin/python -m benchmarks.ldv1
+
+# What a bare, offline GPU machine needs for benchmarks/device_check.sh (see that script).
+device-kit:
+	bash scripts/device-kit.sh
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache

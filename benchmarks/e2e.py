@@ -78,13 +78,14 @@ def run_worker(stack: Stack, job: str, volumes: list[tuple[str, str]], pages: in
     The job's config carries the device and precision, and the worker is told the device, so
     a ``--device cuda`` benchmark runs its pipeline on the GPU too.
     """
-    exe = str(Path(sys.executable).with_name("bec"))
+    installed = Path(sys.executable).with_name("bec")
+    bec = [str(installed)] if installed.exists() else [sys.executable, "-m", "bec"]
     job_config = {**(config or {}), "use_gpu": device == "cuda", "precision": precision}
-    subprocess.run([exe, "jobs", "create", "--name", job, "--config-text", json.dumps(job_config)],
+    subprocess.run([*bec, "jobs", "create", "--name", job, "--config-text", json.dumps(job_config)],
                    env=stack.env, check=True, capture_output=True)
     job_row = stack.db.row("SELECT id, queue_url, config FROM jobs WHERE name = %s", (job,))
     port = free_port()
-    cmd = [exe, "worker", "--job-name", job, "--model-path", model, "--procs", str(procs),
+    cmd = [*bec, "worker", "--job-name", job, "--model-path", model, "--procs", str(procs),
            "--poll-wait", "1", "--shutdown-after-empty", "0", "--s3-source-bucket", source,
            "--metrics-port", str(port), "--metrics-addr", "127.0.0.1", "--device", device, *(extra or [])]
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
