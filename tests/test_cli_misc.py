@@ -138,3 +138,16 @@ def test_quick_start_through_real_subprocesses(stack, tmp_path):
     assert "Total Tasks: 0" in run("jobs", "stats", "ldv1")
     bad = subprocess.run([BEC, "jobs", "show", "missing"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and bad.stderr.strip() == "Error: unknown job 'missing' (see `bec jobs list`)"
+
+
+def test_python_dash_m_bec_is_the_bec_command(stack):
+    """Where only the source is on PYTHONPATH (a bare GPU machine), `python -m bec` is `bec`:
+    the same commands, against the same database."""
+    ok("jobs", "create", "--name", "ldv1")
+    done = subprocess.run([sys.executable, "-m", "bec", "jobs", "list"], env=os.environ.copy(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "ldv1" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "bec", "jobs", "show", "nope"], env=os.environ.copy(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
