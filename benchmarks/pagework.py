@@ -15,7 +15,7 @@ from bec import artifacts, imaging
 from bec.archive import volume_prefix  # noqa: F401 - re-exported for the benchmark
 from bec.ldv1.config import Ldv1Config
 from bec.ldv1.postprocess import find_lines, needs_second_pass, rotate_frame
-from bec.ldv1.preprocess import adaptive_threshold_into, stitch, tile_count, tile_frame
+from bec.ldv1.preprocess import adaptive_threshold_into, stitch_into, tile_count, tile_frame
 from bec.pipeline.fetch import frame_for
 
 
@@ -81,9 +81,8 @@ def _segment_batch(segmenter: Any, batch: list[tuple[Frame, np.ndarray]], tile: 
     masks_all = torch.cat(outs).numpy()
     at = 0
     for (f, out), t in zip(batch, tiles):
-        h, w = f.binary.shape
-        rows, cols = tile_count(h, w, tile)
-        out[...] = stitch(masks_all[at:at + len(t)], rows, cols, h, w)
+        rows, cols = tile_count(*f.binary.shape, tile)
+        stitch_into(masks_all[at:at + len(t)], rows, cols, out)
         at += len(t)
 
 

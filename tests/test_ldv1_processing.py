@@ -24,6 +24,7 @@ from bec.ldv1.preprocess import (
     frame_size,
     gaussian_kernel,
     stitch,
+    stitch_into,
     tile_count,
     tile_frame,
 )
@@ -170,6 +171,8 @@ def test_tile_stitch_round_trip_with_white_padding():
     assert (tiles[2][:, 1300 - 1024 :] == 255).all()  # right padding white
     assert (tiles[2][:, : 1300 - 1024] == frame[:512, 1024:]).all()
     assert (stitch(tiles, rows, cols, 1000, 1300) == frame).all()
+    into = np.full((1000, 1300), 7, np.uint8)
+    assert stitch_into(tiles, rows, cols, into) is into and (into == frame).all()
 
     t = torch.from_numpy(frame)
     ttiles = tile_frame_torch(t)
@@ -191,6 +194,8 @@ def test_tile_float_frame_pads_with_one_and_exact_fit():
 def test_stitch_rejects_wrong_grid():
     with pytest.raises(ValueError):
         stitch(np.zeros((5, 512, 512), np.float32), 2, 3, 1000, 1300)
+    with pytest.raises(ValueError):  # a grid smaller than the frame it should fill
+        stitch_into(np.zeros((6, 512, 512), np.uint8), 2, 3, np.zeros((1100, 1300), np.uint8))
 
 
 # --------------------------------------------------------------------------- lines
@@ -249,6 +254,20 @@ def test_short_line_at_right_end_is_ordered_after_the_line_above():
     assert lines.count == 2
     assert lines.boxes[0, 2] > lines.boxes[1, 2]  # the long one first
     assert lines.boxes[1, 1] < lines.boxes[0, 1] + lines.boxes[0, 3] // 2  # and yet higher up
+
+
+def test_find_lines_same_for_every_mask_dtype_and_leaves_the_mask_alone():
+    """The inference process hands uint8 0/1 masks (found without a copy); bool, 0/255 and
+    float masks give the same lines, and none is modified (post reuses the slot's mask)."""
+    mask, _ = lines_mask(n=5, angle=2.0)
+    as_01 = (mask > 0).astype(np.uint8)
+    kept = as_01.copy()
+    reference = find_lines(as_01, (4096, 1024))
+    assert (as_01 == kept).all() and reference.count == 5
+    for other in (as_01.astype(bool), as_01 * 255, as_01.astype(np.float32), np.asfortranarray(as_01)):
+        got = find_lines(other, (4096, 1024))
+        assert got.angle == reference.angle and (got.boxes == reference.boxes).all()
+        assert all((a == b).all() for a, b in zip(got.contours, reference.contours))
 
 
 def test_empty_mask():

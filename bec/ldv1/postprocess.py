@@ -208,6 +208,19 @@ def _drop_repeats(points: np.ndarray) -> np.ndarray:
     return points[changed] if changed.any() else points[:1]
 
 
+def _as_uint8(mask: np.ndarray) -> np.ndarray:
+    """The mask as findContours takes it (uint8, non-zero = line) without a copy where it
+    already is one: the inference process writes 0/1 uint8 masks, and two passes over a
+    page-sized mask (compare, convert) cost more than finding the few lines in it.
+    (findContours has not modified its input since OpenCV 3.2.)"""
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        mask = mask.view(np.uint8)
+    if mask.dtype != np.uint8:
+        mask = (mask > 0).astype(np.uint8)
+    return np.ascontiguousarray(mask)
+
+
 def find_lines(
     mask: np.ndarray,
     original_size: tuple[int, int],
@@ -225,8 +238,7 @@ def find_lines(
     """
     fh, fw = mask.shape
     frame = (fw, fh)
-    binary = (np.asarray(mask) > 0).astype(np.uint8)
-    found, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    found, _ = cv2.findContours(_as_uint8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
 
     # Specks: the cheap bounding-box test first, the area only for the survivors.
     min_width = max(MIN_WIDTH_PX, min_width_frac * fw)

@@ -125,6 +125,21 @@ def stitch(tiles: np.ndarray, rows: int, cols: int, height: int, width: int) -> 
     return np.ascontiguousarray(full[:height, :width])
 
 
+def stitch_into(tiles: np.ndarray, rows: int, cols: int, out: np.ndarray) -> np.ndarray:
+    """:func:`stitch` written straight into ``out`` (height×width, e.g. a shared-memory slot):
+    each tile's visible part is copied once, with no padded intermediate."""
+    n, t, t2 = tiles.shape
+    height, width = out.shape
+    if n != rows * cols or t != t2 or rows * t < height or cols * t < width:
+        raise ValueError(f"{n} tiles of {t}×{t2} cannot form a {rows}×{cols} grid over {height}×{width}")
+    for r in range(rows):
+        y, h = r * t, min(t, height - r * t)
+        for c in range(cols):
+            x, w = c * t, min(t, width - c * t)
+            out[y:y + h, x:x + w] = tiles[r * cols + c, :h, :w]
+    return out
+
+
 def adaptive_threshold_into(gray: np.ndarray, out: np.ndarray) -> None:
     """:func:`adaptive_threshold` written into ``out`` (e.g. a shared-memory slot), no copy."""
     cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY,

@@ -141,8 +141,7 @@ class Inference:
                 continue
             count = page.rows * page.cols
             page_masks = masks[page.first_tile:page.first_tile + count].numpy()
-            out = self.ctx.slots.mask(page.slot, page.height, page.width)
-            out[...] = P.stitch(page_masks, page.rows, page.cols, page.height, page.width)
+            P.stitch_into(page_masks, page.rows, page.cols, self.ctx.slots.mask(page.slot, page.height, page.width))
             row["infer_ms"] = row["infer_ms"] + elapsed * 1000 * count / n_tiles
             role = f"post-{page.slot % self.ctx.pipeline.n_post}"
             self.ctx.hand_over(page.slot, page.gen, S.POST, role, MaskReady(page.slot, page.gen))
