@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +68,16 @@ def test_inference_replicas_do_the_work_of_one_process(tmp_path):
         [(o.width, o.height, o.skew_angle, len(o.contours)) for o in expected]
     for a, b in zip(got, expected):
         assert all((ca == cb).all() for ca, cb in zip(a.contours, b.contours))
+
+
+def test_device_check_without_its_kit_says_what_to_do(tmp_path):
+    """On a bare GPU machine without .devkit the prepared check stops at once, saying how to
+    build the kit, instead of failing later on a missing module."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(script, tmp_path / "benchmarks" / "device_check.sh")
+    done = subprocess.run(["bash", str(tmp_path / "benchmarks" / "device_check.sh")], capture_output=True,
+                          text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    assert done.returncode == 2
+    assert "run scripts/device-kit.sh" in done.stderr and "carry .devkit" in done.stderr
+    assert not (tmp_path / "out" / "gpu.json").exists()
