@@ -36,6 +36,13 @@ OUT = Path("bench-out")
 console = Console(width=150)
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _model_path(kind: str, out: Path) -> str:
     if kind == "null":
         return "null"
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--source", choices=["s3", "folder"], default="s3",
                     help="serve the corpus from the local stack's S3 (moto) or from a folder")
     ap.add_argument("--memory", default="", help="e.g. 1000,5000: peak RSS of null-model runs at these sizes")
-    ap.add_argument("--repeat", type=int, default=1,
+    ap.add_argument("--repeat", type=_at_least_one, default=1,
                     help="whole-pipeline runs per process count, taking turns; each reports its median")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
@@ -288,8 +295,8 @@ def report(results: dict[str, Any]) -> None:
         t.add_column(col, justify="right")
     for r in results["pipeline"]:
         spread = r.get("pages_per_s_runs", [])
-        t.add_row(str(r["procs"]), f"{r['pages_per_s']:.2f}" + (f" ({min(spread):.1f}–{max(spread):.1f})"
-                                                                if len(spread) > 1 else ""), f"{r['ceiling_pages_per_s']:.2f} ({r['ceiling_stage']})",
+        rate = f"{r['pages_per_s']:.2f}" + (f" ({min(spread):.1f}–{max(spread):.1f})" if len(spread) > 1 else "")
+        t.add_row(str(r["procs"]), rate, f"{r['ceiling_pages_per_s']:.2f} ({r['ceiling_stage']})",
                   f"{r['efficiency']:.2f}", f"{r['slowest_stage_pages_per_s']:.2f}",
                   f"{r['cpu_budget_pages_per_s']:.2f}", f"{r['decode_only_ratio']:.2f}",
                   f"{r['inference_busy_ratio']:.0%}" + (f" (each of {r['inference_procs']})"

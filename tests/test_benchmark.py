@@ -70,6 +70,15 @@ def test_inference_replicas_do_the_work_of_one_process(tmp_path):
         assert all((ca == cb).all() for ca, cb in zip(a.contours, b.contours))
 
 
+def test_repeat_below_one_is_refused_before_any_work(tmp_path, capsys):
+    from benchmarks import ldv1
+
+    with pytest.raises(SystemExit) as exited:
+        ldv1.main(["--repeat", "0", "--out", str(tmp_path / "bench")])
+    assert exited.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
+
+
 def test_device_check_without_its_kit_says_what_to_do(tmp_path):
     """On a bare GPU machine without .devkit the prepared check stops at once, saying how to
     build the kit, instead of failing later on a missing module."""
