@@ -10,7 +10,8 @@ import torch
 
 from bec.devstack.stack import shipped_model
 from bec.ldv1.deeplab import DeepLabV3Plus
-from workerkit import add_volumes, enqueue, read_parquet, run_worker, setup_job, start_worker, tasks
+from workerkit import (add_volumes, enqueue, queue_counts, read_parquet, run_worker, setup_job, start_worker,
+                       tasks)
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +49,12 @@ def test_a_cpu_worker_runs_one_small_model_replica_per_core(stack):
     enqueue(stack, q["queue"], vols)
     run = run_worker(stack, model=str(model), timeout=300)
     assert f"{replicas} inference (cpu × {cores // replicas} threads)" in run.output, run.output
+    # the volume was waiting before the worker started; it is taken only once every replica
+    # has loaded and warmed up the model
+    lines = run.output.splitlines()
+    ready = next(n for n, line in enumerate(lines) if "processes ready" in line)
+    taken = next(n for n, line in enumerate(lines) if "Processing message:" in line)
+    assert ready < taken, run.output
     row, = tasks(stack)
     assert row["status"] == "done" and row["nb_errors"] == 0
     pages = read_parquet(stack, *vols[0], row["s3_etag"])
@@ -63,7 +70,9 @@ def test_missing_model_is_a_clear_error(stack, tmp_path):
 
 
 def test_corrupt_model_stops_the_worker_with_the_reason(stack, tmp_path):
-    setup_job(stack)
+    q = setup_job(stack)
+    vols = add_volumes(stack, 1, pages=2)
+    enqueue(stack, q["queue"], vols)  # waiting before the worker starts
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"\x80\x04 definitely not a checkpoint" * 100)
     run = start_worker(stack, model=str(bad))
@@ -71,6 +80,9 @@ def test_corrupt_model_stops_the_worker_with_the_reason(stack, tmp_path):
     assert re.search(r"Error: infer-\d+: model checkpoint 'corrupt.pth' cannot be read", run.output), run.output
     worker = stack.db.row("SELECT stopped_at FROM workers")
     assert worker["stopped_at"] is not None
+    # a worker that never got ready took nothing: no claim, and the message was never received
+    assert tasks(stack) == [] and "Processing message:" not in run.output
+    assert queue_counts(stack, q["queue"]) == (1, 0)
 
 
 def test_invalid_job_config_is_rejected_at_worker_start(stack):

@@ -33,8 +33,8 @@ from bec.lifecycle import Admission, Received, Verdict
 from bec.localarchive import source_client
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
-from bec.pipeline.messages import (Drain, Fetch, Finished, Gone, PageDone, PageFailed, ReleaseNow,
-                                   Stop, Track, Untrack)
+from bec.pipeline.messages import (Drain, Fetch, Finished, Gone, PageDone, PageFailed, PipelineReady,
+                                   ReleaseNow, Stop, Track, Untrack)
 from bec.pipeline.slots import decode_result
 
 log = logging.getLogger("bec.controller")
@@ -106,6 +106,7 @@ class Controller:
         self.drain_deadline = float("inf")
         self.stopping = False
         self.empty_polls = 0
+        self.pipeline_ready = threading.Event()  # set by the supervisor's PipelineReady
         self.unseen = 0  # received by the receiver thread, not yet taken in by the main loop
         self.database_down = False
         self.next_db_probe = 0.0
@@ -316,6 +317,9 @@ class Controller:
         return True
 
     def receiver(self) -> None:
+        while not self.pipeline_ready.wait(0.1):
+            if self.stopping or self.draining:
+                return
         pause = 1.0
         while not self.stopping and not self.draining:
             want = self._want_more()
@@ -525,6 +529,8 @@ class Controller:
         elif isinstance(msg, Stop):
             self.release_all("released: worker stopping")
             self.stopping = True
+        elif isinstance(msg, PipelineReady):
+            self.pipeline_ready.set()
 
     def run(self) -> str:
         threading.Thread(target=self.receiver, name="receiver", daemon=True).start()

@@ -90,6 +90,16 @@ class Ready(Message):
 
 
 @dataclass(frozen=True)
+class PipelineReady(Message):
+    """supervisor → controller: every process is ready; start taking volumes from SQS.
+
+    Until then the controller receives nothing: a volume taken while the model still loads
+    would wait on this host instead of going to a ready one, and empty polls counted during
+    a slow start would end the worker (``--shutdown-after-empty``) before it ever worked."""
+    kind: ClassVar[str] = "pipeline_ready"
+
+
+@dataclass(frozen=True)
 class Fatal(Message):
     """child → supervisor: cannot work at all (e.g. the model does not load); stop the worker."""
     kind: ClassVar[str] = "fatal"
@@ -147,7 +157,7 @@ class Stats(Message):
 
 
 _TYPES: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Fetch, FrameReady, MaskReady, PageDone, PageFailed, Ready, Fatal, Stop,
+    cls.kind: cls for cls in (Fetch, FrameReady, MaskReady, PageDone, PageFailed, Ready, PipelineReady, Fatal, Stop,
                               Drain, ReleaseNow, Track, Untrack, Finished, Stats)}
 
 

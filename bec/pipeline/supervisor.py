@@ -32,8 +32,8 @@ from bec import __version__, aws, metrics, tasks, telemetry
 from bec.db import Database
 from bec.errors import BecError, ModelError, Unavailable
 from bec.pipeline.child import ChildSpec, PipelineSpec, child_main
-from bec.pipeline.messages import (Drain, Fatal, Finished, Mailbox, Ready, ReleaseNow, Stop, Track,
-                                   Untrack)
+from bec.pipeline.messages import (Drain, Fatal, Finished, Mailbox, PipelineReady, Ready, ReleaseNow, Stop,
+                                   Track, Untrack)
 from bec.pipeline.slots import STATE_NAMES, SlotPool
 
 log = logging.getLogger("bec.supervisor")
@@ -293,9 +293,13 @@ class Supervisor:
             self.fatal = f"{msg.role}: {msg.reason}"
         elif isinstance(msg, Ready):
             self.ready.add(msg.role)
-            if not self.announced_ready and self.ready >= set(self.children):
-                self.announced_ready = True
-                log.info("All %d processes ready (%.1f s)", len(self.children), time.monotonic() - self.started)
+            if self.ready >= set(self.children):
+                if not self.announced_ready:
+                    self.announced_ready = True
+                    log.info("All %d processes ready (%.1f s)", len(self.children), time.monotonic() - self.started)
+                # Again after any restart: a restarted controller waits for this before it
+                # takes volumes, and telling a running one twice changes nothing.
+                self.mailbox.send("controller", PipelineReady(), timeout=1)
 
     def shutdown(self) -> int:
         controller = self.children["controller"].process
