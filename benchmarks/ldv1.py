@@ -164,11 +164,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # -- stages alone -------------------------------------------------------------------
         # Decode as the fetch processes do it (in their fetch threads), for the rates; one
         # thread in one process, turbojpeg and Pillow, for the per-page latency on an idle core.
-        threads = PipelineSpec.__dataclass_fields__["fetch_threads"].default
+        threads = PipelineSpec.fetch_threads  # the worker's default
+        fetch_rows: dict[int, dict[str, Any]] = {}
+        decode_rows: dict[int, dict[str, Any]] = {}
         for p in procs_list:
-            results["stages"].append(stages.as_dict(stages.fetch(keys, source, "us-east-1", p, threads)))
-            results["stages"].append(stages.as_dict(stages.decode(len(items), args.pages, args.volumes, cache, p,
-                                                                  threads)))
+            fetch_rows[p] = stages.as_dict(stages.fetch(keys, source, "us-east-1", p, threads))
+            decode_rows[p] = stages.as_dict(stages.decode(len(items), args.pages, args.volumes, cache, p, threads))
+            results["stages"] += [fetch_rows[p], decode_rows[p]]
         for pillow in (False, True):
             results["stages"].append(stages.as_dict(stages.decode(len(items), args.pages, args.volumes, cache, 1, 1,
                                                                   force_pillow=pillow)))
@@ -216,8 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ordered = sorted(runs[p], key=lambda r: r["pages_per_s"])
             run = ordered[(len(ordered) - 1) // 2]
             run["pages_per_s_runs"] = [r["pages_per_s"] for r in runs[p]]
-            decode_p = next(s for s in results["stages"] if s["name"].startswith(f"decode {p}p×{threads}t [pipeline"))
-            fetch_p = next(s for s in results["stages"] if s["name"].startswith(f"fetch ({p}p"))
+            decode_p, fetch_p = decode_rows[p], fetch_rows[p]
             limits = {"decode": decode_p["pages_per_s"], "infer": infer.pages_per_s,
                       "post": post.pages_per_s, "parquet": by_name["parquet (build + write)"]["pages_per_s"]}
             if args.source == "s3":

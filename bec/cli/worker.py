@@ -162,7 +162,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
         source_bucket=source_bucket, dest_bucket=dest_bucket, queue_url=job.queue_url,
         dlq_url=job.dlq_url, db=settings.db_params(), device=device,
         threshold_in_fetch=device != "cuda",
-        fetch_threads=_setting(app, opts["fetch_threads"], "BEC_FETCH_THREADS", 4, int),
+        fetch_threads=_setting(app, opts["fetch_threads"], "BEC_FETCH_THREADS", PipelineSpec.fetch_threads, int),
         n_fetch=procs, n_infer=n_infer,
         n_post=_setting(app, opts["post_procs"], "BEC_POST_PROCS", max(1, procs // 4), int),
         infer_threads=infer_threads,

@@ -118,11 +118,7 @@ def tile_frame(binary: np.ndarray, tile: int = TILE) -> np.ndarray:
 
 def stitch(tiles: np.ndarray, rows: int, cols: int, height: int, width: int) -> np.ndarray:
     """Inverse of :func:`tile_frame`: N×t×t tiles (row-major) → height×width, padding cropped."""
-    n, t, t2 = tiles.shape
-    if n != rows * cols or t != t2:
-        raise ValueError(f"{n} tiles of {t}×{t2} cannot form a {rows}×{cols} grid")
-    full = tiles.reshape(rows, cols, t, t).transpose(0, 2, 1, 3).reshape(rows * t, cols * t)
-    return np.ascontiguousarray(full[:height, :width])
+    return stitch_into(tiles, rows, cols, np.empty((height, width), dtype=tiles.dtype))
 
 
 def stitch_into(tiles: np.ndarray, rows: int, cols: int, out: np.ndarray) -> np.ndarray:
