@@ -35,7 +35,9 @@ BATCH_FILL = Histogram("bec_inference_batch_fill_ratio", "Tiles in a batch / max
                        buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
 TILES = Counter("bec_inference_tiles_total", "Tiles run through the model")
 BATCHES = Counter("bec_inference_batches_total", "Model forward calls")
-INFER_BUSY = Counter("bec_inference_busy_seconds_total", "Time the inference process spent in batches")
+INFER_BUSY = Counter("bec_inference_busy_seconds_total", "Time spent computing batches: the device's own time on a GPU, the model replica's on CPU")
+OVERLAPPED = Counter("bec_inference_overlapped_batches_total",
+                     "Batches submitted while the batch before was still being computed or copied back")
 INFER_WAIT = Histogram("bec_inference_wait_seconds", "Time the inference process waited for its next page",
                        buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 ACCEL_BUSY = Gauge("bec_accelerator_busy_ratio", "Share of wall time the inference process computes",

@@ -159,6 +159,8 @@ def run_worker(stack: Stack, job: str, volumes: list[tuple[str, str]], pages: in
     return {"procs": procs, "inference_procs": replicas, "device": device, "job_config": job_row["config"],
             "pages": int(span["pages"]), "errors": int(span["errors"] or 0),
             "seconds": round(seconds, 3), "pages_per_s": round(int(span["pages"]) / seconds, 2),
+            "tiles": int(delta("bec_inference_tiles_total")),
+            "tiles_per_s": round(delta("bec_inference_tiles_total") / seconds, 2) if seconds else 0.0,
             "peak_rss_mb": round(peak / 2**20, 1), "peak_pss_mb": round(peak_pss / 2**20, 1),
             "median_pss_mb": round(sorted(pss_samples)[len(pss_samples) // 2] / 2**20, 1),
             "inference_busy_s": round(busy, 3), "inference_idle_s": round(max(0.0, seconds - busy), 3),

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     ap.add_argument("--batch-tiles", type=int, default=None, help="max_tiles_per_batch")
+    ap.add_argument("--batches-in-flight", type=int, choices=[0, 1, 2], default=None,
+                    help="the job's batches_in_flight (0 auto: 2 on a GPU, 1 on CPU)")
     ap.add_argument("--source", choices=["s3", "folder"], default="s3",
                     help="serve the corpus from the local stack's S3 (moto) or from a folder")
     ap.add_argument("--memory", default="", help="e.g. 1000,5000: peak RSS of null-model runs at these sizes")
@@ -139,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {**vars(args), "json": str(args.json) if args.json else None, "out": str(out),
                    "cores": cores, "python": platform.python_version(), "machine": platform.machine()},
         "stages": [], "pipeline": [], "baselines": [], "memory": []}
-    overrides = {"max_tiles_per_batch": args.batch_tiles} if args.batch_tiles else {}
+    overrides: dict[str, Any] = {"max_tiles_per_batch": args.batch_tiles} if args.batch_tiles else {}
+    if args.batches_in_flight is not None:
+        overrides["batches_in_flight"] = args.batches_in_flight
     cfg = W.config(precision=args.precision, use_gpu=args.device == "cuda", **overrides)
 
     console.rule(f"benchmarks.ldv1 — model {args.model} on {args.device}, {args.pages} pages, {cores} cores")
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             infer, post, outcomes = stages.infer_and_post(segmenter, frames, cfg)
         results["stages"] += [stages.as_dict(infer), stages.as_dict(post),
                               stages.as_dict(stages.parquet(outcomes, max(1, len(items) // args.volumes)))]
+        if frames:  # one inference process (a GPU's layout): the model alone is its yardstick
+            results["stages"].append(stages.as_dict(stages.model_alone(segmenter, frames, cfg)))
         results["stages"] += [stages.as_dict(r) for r in stages.host_to_device(frames, args.device)]
 
         # -- the pipeline -------------------------------------------------------------------
@@ -236,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run["slowest_stage_pages_per_s"] = round(min(v for k, v in limits.items() if k != "cpu budget"), 2)
             run["cpu_budget_pages_per_s"] = round(limits["cpu budget"], 2)
             run["decode_only_ratio"] = round(run["pages_per_s"] / decode_p["pages_per_s"], 3)
+            if (alone := by_name.get("model alone (device-resident tiles, full batches)")) and alone["tiles_per_s"]:
+                run["model_alone_ratio"] = round(run["tiles_per_s"] / alone["tiles_per_s"], 3)
             results["pipeline"].append(run)
 
         # -- baselines ----------------------------------------------------------------------
@@ -292,7 +300,7 @@ def report(results: dict[str, Any]) -> None:
             f"{k}={v}" for k, v in results["decoders"].items()))
     t = Table(title="Whole pipeline (bec worker)")
     for col in ("procs", "pages/s", "ceiling (binding)", "efficiency", "slowest stage", "CPU budget",
-                "÷ decode-only", "inference busy", "peak PSS MB"):
+                "÷ decode-only", "tiles/s", "÷ model alone", "inference busy", "peak PSS MB"):
         t.add_column(col, justify="right")
     for r in results["pipeline"]:
         spread = r.get("pages_per_s_runs", [])
@@ -300,6 +308,7 @@ def report(results: dict[str, Any]) -> None:
         t.add_row(str(r["procs"]), rate, f"{r['ceiling_pages_per_s']:.2f} ({r['ceiling_stage']})",
                   f"{r['efficiency']:.2f}", f"{r['slowest_stage_pages_per_s']:.2f}",
                   f"{r['cpu_budget_pages_per_s']:.2f}", f"{r['decode_only_ratio']:.2f}",
+                  f"{r['tiles_per_s']:.1f}", f"{r['model_alone_ratio']:.2f}" if "model_alone_ratio" in r else "–",
                   f"{r['inference_busy_ratio']:.0%}" + (f" (each of {r['inference_procs']})"
                                                          if r.get("inference_procs", 1) > 1 else ""),
                   f"{r['peak_pss_mb']:.0f}")

@@ -278,6 +278,42 @@ def infer_and_post_replicas(model_path: str, device: str, precision: str, cfg: d
     return _merge(parts, layout)
 
 
+def model_alone(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any], batches: int = 4) -> StageResult:
+    """The model by itself: full batches of tiles already on the device, no host work between
+    them. This is the rate the inference process is held against (tiles/s); every host-side
+    step of the pipeline (staging, upload, copy back, stitching, hand-overs) must hide behind it."""
+    import torch
+
+    from bec.pipeline.inference import forward_tiles
+
+    tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
+    size = forward_tiles(segmenter.device.type, max_tiles)
+    flat = torch.from_numpy(np.concatenate([W.tile_frame(f.binary, tile) for f in frames]))
+    flat = flat[:size * (batches + 1)].to(segmenter.device)
+    chunks = list(torch.split(flat, size))
+    if len(chunks) > 1 and chunks[-1].shape[0] < size:
+        chunks.pop()  # full batches only
+
+    def sync() -> None:
+        if segmenter.device.type == "cuda":
+            torch.cuda.synchronize(segmenter.device)
+
+    segmenter.segment(chunks[0])  # warm-up (kernel selection)
+    sync()
+    measured = chunks[1:] or chunks
+    t, c = time.perf_counter(), time.process_time()
+    for chunk in measured:
+        segmenter.segment(chunk)
+    sync()
+    seconds = time.perf_counter() - t
+    n = sum(int(x.shape[0]) for x in measured)
+    per_tile_pages = len(frames) / sum(W.tiles_of(f, tile) for f in frames)  # pages per tile of this corpus
+    return StageResult("model alone (device-resident tiles, full batches)", round(n * per_tile_pages), seconds,
+                       extra={"tiles": n, "tiles_per_s": round(n / seconds, 2) if seconds else 0,
+                              "batch_tiles": size},
+                       cpu_s=time.process_time() - c)
+
+
 def host_to_device(frames: list[W.Frame], device: str) -> list[StageResult]:
     """Host → accelerator copy of each page's frame (uint8), as the inference process does it
     (from pageable shared memory), and from pinned memory for comparison. CUDA only."""

@@ -17,7 +17,7 @@ def test_tiny_benchmark_runs_every_part(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "result.json"
     ldv1.main(["--pages", "8", "--volumes", "2", "--procs", "1", "--model", "null", "--source", "folder",
-               "--batch-tiles", "4", "--repeat", "2", "--json", str(out), "--out", str(tmp_path / "bench")])
+               "--batch-tiles", "4", "--batches-in-flight", "2", "--repeat", "2", "--json", str(out), "--out", str(tmp_path / "bench")])
     result = json.loads(out.read_text())
     names = [s["name"] for s in result["stages"]]
     assert any(n.startswith("fetch") for n in names)
@@ -35,11 +35,20 @@ def test_tiny_benchmark_runs_every_part(tmp_path, monkeypatch):
     assert 0 < run["efficiency"] and run["pages_per_s"] > 0 and run["peak_pss_mb"] > 0
     # the worker's job (read back from PostgreSQL) got the benchmark's options
     assert run["device"] == "cpu" and run["job_config"]["max_tiles_per_batch"] == 4
+    assert run["job_config"]["batches_in_flight"] == 2
     assert run["job_config"]["use_gpu"] is False and run["job_config"]["precision"] == "fp32"
     assert [b["pages"] for b in result["baselines"]] == [8, 8]
     assert all(b["ceiling_ratio"] == round(run["ceiling_pages_per_s"] / b["pages_per_s"], 2)
                for b in result["baselines"])
     assert "turbojpeg_gray_ms" in result["decoders"]
+    # the model alone (tiles already on the device) is the inference process' yardstick; the
+    # pipeline's tiles are the worker's own count (null model: no second passes, the same tiles)
+    by_name = dict(zip(names, result["stages"]))
+    alone = by_name["model alone (device-resident tiles, full batches)"]
+    infer = next(s for n, s in by_name.items() if n.startswith("infer"))
+    assert alone["batch_tiles"] == 3 and alone["tiles"] > 0 and alone["tiles_per_s"] > 0
+    assert run["tiles"] == infer["tiles"] > 8 and run["tiles_per_s"] > 0
+    assert run["model_alone_ratio"] == round(run["tiles_per_s"] / alone["tiles_per_s"], 3)
 
 
 def test_inference_replicas_do_the_work_of_one_process(tmp_path):

@@ -72,6 +72,7 @@ def test_create_with_existing_queue_urls(stack):
     (["--name", "ldv1", "--config", "/nonexistent/cfg.json"], "cannot read config file"),
     (["--name", "ldv1", "--config-text", '{"batchsize": 3}'], "unknown ldv1 config key 'batchsize'"),
     (["--name", "ldv1", "--config-text", '{"batch_size": "3"}'], "'batch_size' must be an integer"),
+    (["--name", "ldv1", "--config-text", '{"batches_in_flight": 3}'], "'batches_in_flight' must be 0 (auto), 1 or 2"),
     (["--name", "ldv1", "--queue-url", "http://x/q"], "go together"),
 ])
 def test_create_rejects_bad_input_and_creates_nothing(stack, args, message):

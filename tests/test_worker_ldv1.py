@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 
 import pytest
 import torch
@@ -59,6 +60,42 @@ def test_a_cpu_worker_runs_one_small_model_replica_per_core(stack):
     assert row["status"] == "done" and row["nb_errors"] == 0
     pages = read_parquet(stack, *vols[0], row["s3_etag"])
     assert len(pages) == 6 and all(p["ok"] for p in pages)
+
+
+def test_two_batches_in_flight_find_the_same_lines_as_one(stack):
+    """``batches_in_flight`` 2 (a GPU's default) leaves each batch unfinished until the next is
+    submitted. Forced on CPU it must give the very lines of one batch at a time (every page's
+    mask stitched into its own slot, in order), and the batches must really have overlapped."""
+    from bec.devstack.volumes import make_volume
+    from test_worker_metrics import scrape, value
+    from workerkit import SOURCE_BUCKET
+
+    from bec.devstack.moto import free_port
+
+    model = str(shipped_model())
+    q = setup_job(stack, {"batch_size": 1, "batches_in_flight": 1})
+    for i_id in ("I0000", "I0001"):  # the same six pages twice
+        make_volume(stack.s3, SOURCE_BUCKET, "W22084", i_id, 6, seed=0, kinds=("jpeg_gray",), size=(1200, 400))
+    enqueue(stack, q["queue"], [("W22084", "I0000")])
+    run_worker(stack, model=model, timeout=300)
+    stack.db.execute("UPDATE jobs SET config = config || '{\"batches_in_flight\": 2}'::jsonb")
+    enqueue(stack, q["queue"], [("W22084", "I0001")])
+    port = free_port()
+    run = start_worker(stack, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
+                       "--shutdown-after-empty", "0", model=model)
+    try:
+        run.wait_for("Successfully processed", timeout=240)
+        overlapped = value(scrape(port), "bec_inference_overlapped_batches_total")
+    finally:
+        run.signal(signal.SIGTERM)
+        assert run.wait(60) == 0, run.output
+    assert overlapped >= 1, run.output
+    rows = {r["i_id"]: r for r in tasks(stack)}
+    assert {r["status"] for r in rows.values()} == {"done"}
+    one, two = (read_parquet(stack, "W22084", i_id, rows[i_id]["s3_etag"]) for i_id in ("I0000", "I0001"))
+    assert sum(p["nb_contours"] for p in one) > 0
+    assert [p["img_file_name"][4:] for p in two] == [p["img_file_name"][4:] for p in one]  # 0000…/0001… + page
+    assert [p["contours"] for p in two] == [p["contours"] for p in one]
 
 
 def test_missing_model_is_a_clear_error(stack, tmp_path):

@@ -30,6 +30,10 @@ class Ldv1Config:
     max_error_ratio: float = 0.1     # share of failed pages above which a volume is retried
     max_image_pixels: int = 120_000_000  # larger images are refused (decompression bombs)
     channels_last: bool = True
+    # Batches the inference process keeps submitted at once. 2: the accelerator computes one
+    # batch while the host copies the last one back, stitches it and hands it on; 1: one at a
+    # time. 0 (auto): 2 on a GPU, 1 on CPU (where the model's work is the host's own).
+    batches_in_flight: int = 0
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "Ldv1Config":
@@ -59,6 +63,8 @@ class Ldv1Config:
         for key in ("line_threshold", "max_error_ratio"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"ldv1 config key {key!r} must be between 0 and 1")
+        if not 0 <= self.batches_in_flight <= 2:
+            raise ConfigError("ldv1 config key 'batches_in_flight' must be 0 (auto), 1 or 2")
         if self.wide_page_ratio <= 0:
             raise ConfigError("ldv1 config key 'wide_page_ratio' must be positive")
 

@@ -6,13 +6,19 @@ holds ``max_tiles_per_batch`` tiles or ``batch_size`` pages (or nothing more is 
 runs the segmenter once, stitches each page's mask back into its slot and hands the slot
 to a post-processing process. On a GPU the threshold and the tiling run on the device
 (one uint8 upload per page); on CPU the fetch processes have thresholded already.
+
+On a GPU two batches are in flight (``batches_in_flight``): batch k+1 is submitted (pages
+staged into pinned memory, uploaded, model launched, masks copied back asynchronously)
+before batch k is waited for, stitched and handed on, so the accelerator does not idle
+while the host does its serial part. A batch is waited for at once when no more frames
+are waiting: overlap is for a busy accelerator, never a delay for a lone volume.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 
 from bec import metrics
@@ -56,6 +62,24 @@ class Page:
     first_tile: int = 0
 
 
+@dataclass
+class Batch:
+    """A submitted batch. On a GPU its masks are still being computed and copied back until
+    ``done`` fires; on CPU they are ready when ``submit`` returns."""
+    pages: list[Page]
+    masks: torch.Tensor                 # uint8 tiles on the host (pinned on a GPU)
+    n_tiles: int
+    started: float                      # perf_counter at submit
+    began: Any = None                   # torch.cuda.Event before the first upload
+    done: Any = None                    # torch.cuda.Event after the copy back
+
+
+def batches_in_flight(configured: int, on_gpu: bool) -> int:
+    """0 is auto: two on a GPU (compute overlaps the host's part), one on CPU (the host *is*
+    the device: a deferred batch would only hold its pages back from post-processing)."""
+    return configured or (2 if on_gpu else 1)
+
+
 class Inference:
     def __init__(self, ctx: ChildContext, segmenter: Segmenter) -> None:
         self.ctx = ctx
@@ -66,6 +90,7 @@ class Inference:
         self.max_pages = int(cfg["batch_size"])
         self.on_gpu = segmenter.device.type == "cuda"
         self.forward_tiles = forward_tiles(segmenter.device.type, self.max_tiles)
+        self.in_flight = batches_in_flight(int(cfg.get("batches_in_flight", 0)), self.on_gpu)
         self.busy_s = 0.0
         # CPU replicas share the device "cpu": each reports its own busy ratio as cpu:<replica>.
         replica = ctx.spec.role.rsplit("-", 1)[1]
@@ -104,47 +129,79 @@ class Inference:
             pending.append(msg)
 
     # running -----------------------------------------------------------------------------
-    def _page_tiles(self, page: Page) -> torch.Tensor:
-        pool = self.ctx.slots
-        row = pool.table[page.slot]
-        if int(row["binary_ready"]):
-            binary = torch.from_numpy(pool.mask(page.slot, page.height, page.width))
-            binary = binary.to(self.seg.device, non_blocking=True)
-        else:
-            gray = torch.from_numpy(pool.frame(page.slot, page.height, page.width))
-            binary = PT.adaptive_threshold_torch(gray.to(self.seg.device, non_blocking=True))
-        return PT.tile_frame_torch(binary, self.tile)
+    def _staged(self, page: Page) -> tuple[torch.Tensor, bool]:
+        """The page's pixels on the host, and whether they are thresholded already.
 
-    def run_batch(self, pages: list[Page]) -> None:
+        On a GPU they are copied into pinned memory: an upload from pageable memory may wait
+        for the stream (the batch before) and is staged through a pinned buffer anyway. The
+        caching host allocator keeps each buffer until its upload is done."""
+        pool = self.ctx.slots
+        binary_ready = bool(int(pool.table[page.slot]["binary_ready"]))
+        host = torch.from_numpy((pool.mask if binary_ready else pool.frame)(page.slot, page.height, page.width))
+        if self.on_gpu:
+            staged = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True)
+            host = staged.copy_(host)
+        return host, binary_ready
+
+    def _tiles(self, host: torch.Tensor, binary_ready: bool) -> torch.Tensor:
+        pixels = host.to(self.seg.device, non_blocking=True)
+        return PT.tile_frame_torch(pixels if binary_ready else PT.adaptive_threshold_torch(pixels), self.tile)
+
+    def submit(self, pages: list[Page]) -> Batch | None:
+        """Start a batch: tiles, model, copy back. None when it failed (its pages failed)."""
         started = time.perf_counter()
+        began = done = None
         try:
-            tiles = torch.cat([self._page_tiles(p) for p in pages])
+            staged = [self._staged(p) for p in pages]  # host work first: the device's span starts below
+            if self.on_gpu:
+                began = torch.cuda.Event(enable_timing=True)
+                began.record()
+            tiles = torch.cat([self._tiles(host, ready) for host, ready in staged])
             masks = torch.cat([self._segment(chunk) for chunk in torch.split(tiles, self.forward_tiles)])
-            if masks.device.type != "cpu":
-                masks = masks.cpu()
+            if self.on_gpu:
+                masks = masks.to("cpu", non_blocking=True)  # into pinned memory, asynchronously
+                done = torch.cuda.Event(enable_timing=True)
+                done.record()
         except Exception as exc:  # a failed batch fails its pages, not the process
-            self.ctx.log.exception("inference batch of %d pages failed", len(pages))
-            for page in pages:
-                self.ctx.fail_page(page.slot, page.gen, "infer", "inference_error", f"{type(exc).__name__}: {exc}")
+            self._fail(pages, exc)
+            return None
+        return Batch(pages, masks, int(tiles.shape[0]), started, began, done)
+
+    def finish(self, batch: Batch) -> None:
+        """Wait for a batch's masks, stitch each page's into its slot, hand the slots on."""
+        try:
+            if batch.done is not None:
+                batch.done.synchronize()  # a device error of the batch surfaces here
+        except Exception as exc:
+            self._fail(batch.pages, exc)
             return
-        elapsed = time.perf_counter() - started
+        if batch.done is not None:  # the device's own time: submitted batches overlap on the host
+            elapsed = batch.began.elapsed_time(batch.done) / 1000
+        else:
+            elapsed = time.perf_counter() - batch.started
         self.busy_s += elapsed
-        n_tiles = tiles.shape[0]
+        n_tiles = batch.n_tiles
         metrics.BATCHES.inc()
         metrics.INFER_BUSY.inc(elapsed)
         metrics.TILES.inc(n_tiles)
         metrics.BATCH_FILL.observe(min(1.0, n_tiles / self.max_tiles))
         self.report_busy()
-        for page in pages:
+        masks = batch.masks.numpy()
+        for page in batch.pages:
             row = self.ctx.slots.table[page.slot]
             if int(row["gen"]) != page.gen:
                 continue
             count = page.rows * page.cols
-            page_masks = masks[page.first_tile:page.first_tile + count].numpy()
-            P.stitch_into(page_masks, page.rows, page.cols, self.ctx.slots.mask(page.slot, page.height, page.width))
+            P.stitch_into(masks[page.first_tile:page.first_tile + count], page.rows, page.cols,
+                          self.ctx.slots.mask(page.slot, page.height, page.width))
             row["infer_ms"] = row["infer_ms"] + elapsed * 1000 * count / n_tiles
             role = f"post-{page.slot % self.ctx.pipeline.n_post}"
             self.ctx.hand_over(page.slot, page.gen, S.POST, role, MaskReady(page.slot, page.gen))
+
+    def _fail(self, pages: list[Page], exc: Exception) -> None:
+        self.ctx.log.exception("inference batch of %d pages failed", len(pages))
+        for page in pages:
+            self.ctx.fail_page(page.slot, page.gen, "infer", "inference_error", f"{type(exc).__name__}: {exc}")
 
     def _segment(self, chunk: torch.Tensor) -> torch.Tensor:
         """On a GPU, pad the batch to a few fixed sizes (white tiles) so cuDNN's plans and
@@ -193,13 +250,24 @@ def run(ctx: ChildContext) -> None:
     engine = Inference(ctx, segmenter)
     ctx.ready()
     idle_since = time.perf_counter()
+    submitted: Batch | None = None  # the batch computing while the one before is finished
     for msg in ctx.inbox(on_idle=engine.report_busy):
         metrics.INFER_WAIT.observe(time.perf_counter() - idle_since)
         if not isinstance(msg, FrameReady):
             continue
         pages, stop = engine.gather(msg)
-        if pages:
-            engine.run_batch(pages)
+        batch = engine.submit(pages) if pages else None
+        if submitted is not None:
+            engine.finish(submitted)
+            submitted = None
+        if batch is not None:
+            if engine.in_flight > 1 and not stop and ctx.mailbox.waiting():
+                submitted = batch  # more frames wait: finish this one after submitting the next
+                metrics.OVERLAPPED.inc()
+            else:
+                engine.finish(batch)
         idle_since = time.perf_counter()
         if stop:
             return
+    if submitted is not None:  # Stop, or the supervisor is gone: what was computed goes on
+        engine.finish(submitted)

@@ -252,6 +252,13 @@ class Mailbox:
             if msg is not None:
                 return msg
 
+    def waiting(self) -> bool:
+        """Whether a message is already here (a peek: nothing is taken)."""
+        if self._inbox is not None:
+            return not self._inbox.empty()
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        return bool(ready)
+
     def drain(self) -> list[Message]:
         """Every message already waiting, without blocking."""
         got = []
