@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check of issue 6 (item 8), as one prepared command for a lent GPU machine.
 #
-# Runs the production architecture (ldv1, random weights) in fp16 on CUDA: inference alone
-# (tiles/s, pages/s), the host→device copy per page (pageable as the pipeline copies, and
-# pinned), and the whole worker at several fetch/decode process counts (pages/s, efficiency,
-# the accelerator's busy ratio). The machine is bare and offline: build .devkit/ first, here,
+# Runs the production architecture (ldv1, random weights) in fp16 on CUDA: the model alone
+# (full batches of device-resident tiles: the yardstick), inference alone (tiles/s, pages/s),
+# the host→device copy per page (pageable and pinned), and the whole worker at several
+# fetch/decode process counts (pages/s, tiles/s ÷ the model alone, efficiency, the
+# accelerator's busy ratio from CUDA events). The machine is bare and offline: build .devkit/ first, here,
 # with scripts/device-kit.sh, and carry it:
 #
 #   run(command="bash benchmarks/device_check.sh", carry=[".devkit"], timeout_s=540)
 #
 # Results land in $OUT (gpu.json, gpu.log, gpu.txt) when the device tool sets it, else in
-# bench-out/device. PROCS, PAGES and VOLUMES override the defaults below.
+# bench-out/device. PROCS, PAGES, VOLUMES and INFER_PROCS (inference processes sharing the
+# GPU) override the defaults below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-bench-out/device}
@@ -41,4 +43,4 @@ fi
 
 python3 -m benchmarks.ldv1 --model ldv1 --device cuda --precision fp16 --skip-baselines --source folder \
   --procs "${PROCS:-4,8,12}" --pages "${PAGES:-2400}" --volumes "${VOLUMES:-24}" \
-  --json "$RESULTS/gpu.json" --out /tmp/bench-out 2>&1 | tee "$RESULTS/gpu.log"
+  ${INFER_PROCS:+--infer-procs "$INFER_PROCS"} --json "$RESULTS/gpu.json" --out /tmp/bench-out 2>&1 | tee "$RESULTS/gpu.log"

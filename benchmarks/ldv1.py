@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     ap.add_argument("--batch-tiles", type=int, default=None, help="max_tiles_per_batch")
+    ap.add_argument("--infer-procs", type=_at_least_one, default=None,
+                    help="the worker's inference processes (default: its own layout; on a GPU one per device)")
     ap.add_argument("--batches-in-flight", type=int, choices=[0, 1, 2], default=None,
                     help="the job's batches_in_flight (0 auto: 2 on a GPU, 1 on CPU)")
     ap.add_argument("--source", choices=["s3", "folder"], default="s3",
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # Inference alone runs as the worker lays it out: on a CPU host, model replicas side
         # by side (see cpu_inference_layout); on a GPU one process.
-        layout = cpu_inference_layout(model_path, cores) if args.device == "cpu" else (1, cores)
+        layout = cpu_inference_layout(model_path, cores, args.infer_procs) if args.device == "cpu" else (1, cores)
         # The baselines are what a user would write: one process, torch's threads = the cores.
         baseline_threads = 1 if model_path == "null" else cores
         torch.set_num_threads(baseline_threads)
@@ -205,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             infer, post, outcomes = stages.infer_and_post(segmenter, frames, cfg)
         results["stages"] += [stages.as_dict(infer), stages.as_dict(post),
                               stages.as_dict(stages.parquet(outcomes, max(1, len(items) // args.volumes)))]
-        if frames:  # one inference process (a GPU's layout): the model alone is its yardstick
-            results["stages"].append(stages.as_dict(stages.model_alone(segmenter, frames, cfg)))
+        # the inference process' yardstick: the model alone, in this process (on a GPU, the device)
+        results["stages"].append(stages.as_dict(stages.model_alone(segmenter, [p.data for *_, p in items], cfg)))
         results["stages"] += [stages.as_dict(r) for r in stages.host_to_device(frames, args.device)]
 
         # -- the pipeline -------------------------------------------------------------------
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for p in procs_list:
                 runs[p].append(e2e.run_worker(stack, f"ldv1-bench-{p}-{k}-{int(time.time())}", vols, corpus.pages,
                                               model_path, p, source, log_path=out / f"worker-p{p}.log",
-                                              device=args.device, precision=args.precision, config=overrides))
+                                              device=args.device, precision=args.precision, config=overrides,
+                                              extra=["--infer-procs", str(args.infer_procs)] if args.infer_procs else None))
         for p in procs_list:
             ordered = sorted(runs[p], key=lambda r: r["pages_per_s"])
             run = ordered[(len(ordered) - 1) // 2]

@@ -278,16 +278,22 @@ def infer_and_post_replicas(model_path: str, device: str, precision: str, cfg: d
     return _merge(parts, layout)
 
 
-def model_alone(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any], batches: int = 4) -> StageResult:
+def model_alone(segmenter: Any, datas: list[bytes], cfg: dict[str, Any], batches: int = 4) -> StageResult:
     """The model by itself: full batches of tiles already on the device, no host work between
     them. This is the rate the inference process is held against (tiles/s); every host-side
-    step of the pipeline (staging, upload, copy back, stitching, hand-overs) must hide behind it."""
+    step of the pipeline (staging, upload, copy back, stitching, hand-overs) must hide behind it.
+    Tiles come from the corpus' first pages, as many as ``batches`` + 1 (a warm-up) need."""
     import torch
 
     from bec.pipeline.inference import forward_tiles
 
     tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
     size = forward_tiles(segmenter.device.type, max_tiles)
+    frames: list[W.Frame] = []
+    for data in datas:
+        frames.append(W.decode_frame(data, cfg))
+        if sum(W.tiles_of(f, tile) for f in frames) >= size * (batches + 1):
+            break
     flat = torch.from_numpy(np.concatenate([W.tile_frame(f.binary, tile) for f in frames]))
     flat = flat[:size * (batches + 1)].to(segmenter.device)
     chunks = list(torch.split(flat, size))

@@ -17,7 +17,7 @@ def test_tiny_benchmark_runs_every_part(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "result.json"
     ldv1.main(["--pages", "8", "--volumes", "2", "--procs", "1", "--model", "null", "--source", "folder",
-               "--batch-tiles", "4", "--batches-in-flight", "2", "--repeat", "2", "--json", str(out), "--out", str(tmp_path / "bench")])
+               "--batch-tiles", "4", "--batches-in-flight", "2", "--infer-procs", "2", "--repeat", "2", "--json", str(out), "--out", str(tmp_path / "bench")])
     result = json.loads(out.read_text())
     names = [s["name"] for s in result["stages"]]
     assert any(n.startswith("fetch") for n in names)
@@ -36,6 +36,9 @@ def test_tiny_benchmark_runs_every_part(tmp_path, monkeypatch):
     # the worker's job (read back from PostgreSQL) got the benchmark's options
     assert run["device"] == "cpu" and run["job_config"]["max_tiles_per_batch"] == 4
     assert run["job_config"]["batches_in_flight"] == 2
+    # --infer-procs: the worker ran two inference processes, and inference alone was measured so
+    infer_row = next(s for s in result["stages"] if s["name"].startswith("infer"))
+    assert run["inference_procs"] == 2 and infer_row["procs"] == 2
     assert run["job_config"]["use_gpu"] is False and run["job_config"]["precision"] == "fp32"
     assert [b["pages"] for b in result["baselines"]] == [8, 8]
     assert all(b["ceiling_ratio"] == round(run["ceiling_pages_per_s"] / b["pages_per_s"], 2)
