@@ -131,8 +131,8 @@ def test_postgres_restart_mid_run_loses_nothing(pg_stack, private_pg):
         "Attributes"]["ApproximateNumberOfMessages"] == "0"
 
 
-# -- 2. the S3/SQS endpoint goes away for 30 s and comes back empty ---------------------------
-OUTAGE_S = 30
+# -- 2. the S3/SQS endpoint goes away for 20 s and comes back empty ---------------------------
+OUTAGE_S = 20  # longer than the worker's visibility timeout (10 s): an extension fails meanwhile
 
 
 def test_moto_outage_does_not_crash_or_lose_acknowledged_work(db_params, monkeypatch, tmp_path):
@@ -142,7 +142,7 @@ def test_moto_outage_does_not_crash_or_lose_acknowledged_work(db_params, monkeyp
       "Successfully processed" line) or whose task the DB records as done had its Parquet
       and success.json in the old moto (read log and DB, then list the bucket: the worker
       writes artifacts before it marks done, deletes, and logs);
-    * the outage (30 s) starts while a 200-page volume is in flight: the worker and all its
+    * the outage (20 s) starts while a 200-page volume is in flight: the worker and all its
       children stay up;
     * after a fresh moto comes back on the same port (the test recreates buckets, queues
       and source images — identical bytes, so identical versions — and re-enqueues every

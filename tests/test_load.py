@@ -1,6 +1,6 @@
 """Load and endurance: many workers on one queue; one worker fed for minutes.
 
-The soak runs ``SOAK_SECONDS`` (default 45 in CI; the closing figures come from 600) and
+The soak runs ``SOAK_SECONDS`` (default 30 in CI; the closing figures come from 600) and
 writes what it sampled to ``SOAK_REPORT`` when that is set (not BEC_ variables: the stack
 fixture clears those).
 """
@@ -140,7 +140,7 @@ def sample_tree(root: psutil.Process) -> dict[str, Any]:
     return {"rss_mb": rss / 2**20, "fds": fds, "threads": threads, "shm": shm, "rss_mb_by_process": by_process}
 
 
-SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "45"))
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 
 
 @pytest.mark.timeout(SOAK_SECONDS + 300)
