@@ -254,6 +254,9 @@ def run(ctx: ChildContext) -> None:
     for msg in ctx.inbox(on_idle=engine.report_busy):
         metrics.INFER_WAIT.observe(time.perf_counter() - idle_since)
         if not isinstance(msg, FrameReady):
+            if submitted is not None:  # what was waiting was no frame: nothing to overlap with
+                engine.finish(submitted)
+                submitted = None
             continue
         pages, stop = engine.gather(msg)
         batch = engine.submit(pages) if pages else None
