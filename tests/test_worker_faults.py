@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from workerkit import (no_shm_leak,  # noqa: F401 - fixture
-                       add_repeated_volume, add_volumes, enqueue, long_volumes, queue_counts, read_parquet, run_worker, setup_job,
+                       add_repeated_folder_volume, add_repeated_volume, add_volumes, enqueue, long_volumes, queue_counts, read_parquet, run_worker, setup_job,
                        start_worker, tasks)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
@@ -131,17 +131,20 @@ def test_two_workers_on_one_queue_process_each_volume_once(stack):
     assert all(r["attempt"] == 1 for r in tasks(stack))
 
 
-def test_visibility_is_extended_for_long_volumes(stack):
+def test_visibility_is_extended_for_long_volumes(stack, tmp_path):
     """A volume taking several visibility timeouts is never handed to the other live worker."""
     q = setup_job(stack)
     vols = [("W1", "I1")]
     # 1,000 pages: ~9 s here at ~110 null-model pages/s, over two 2 s visibility timeouts even
-    # on a host twice as fast (240 pages took 3.7 s once the CPU pipeline got faster)
-    add_repeated_volume(stack, "W1", "I1", 1000)
+    # on a host twice as fast (240 pages took 3.7 s once the CPU pipeline got faster). The pages
+    # come from a folder: this test is about SQS, and uploading them to moto took 16 s.
+    archive = tmp_path / "archive"
+    add_repeated_folder_volume(archive, "W1", "I1", 1000)
     enqueue(stack, q["queue"], vols)
-    first = start_worker(stack, "--visibility-timeout", "2", "--shutdown-after-empty", "4")
+    source = ("--s3-source-bucket", f"file://{archive}")
+    first = start_worker(stack, *source, "--visibility-timeout", "2", "--shutdown-after-empty", "4")
     first.wait_for("Processing message", timeout=60)
-    second = start_worker(stack, "--visibility-timeout", "2", "--shutdown-after-empty", "4")
+    second = start_worker(stack, *source, "--visibility-timeout", "2", "--shutdown-after-empty", "4")
     assert first.wait(180) == 0 and second.wait(180) == 0
     rows = assert_all_done_once(stack, vols, 1000)
     assert rows[0]["attempt"] == 1 and rows[0]["total_duration_ms"] > 2 * 2000

@@ -210,6 +210,29 @@ def add_repeated_volume(stack: Stack, w: str, i: str, pages: int, seed: int = 7)
     put_manifest(stack.s3, SOURCE_BUCKET, w, i, [{"filename": n, "width": wd, "height": h} for n in names])
 
 
+def add_repeated_folder_volume(root: Path, w: str, i: str, pages: int, seed: int = 7) -> None:
+    """A long volume in a folder archive (``--s3-source-bucket file://<root>``): its pages are
+    hard links to one generated JPEG, so it costs no uploads (1,000 PUTs to moto take ~16 s
+    on a 2-core host) for tests about SQS, not S3."""
+    import numpy as np
+
+    from bec.archive import MANIFEST, volume_prefix
+    from bec.devstack.volumes import render
+
+    data, page = render("jpeg_gray", np.random.default_rng(seed))
+    h, wd = page.image.shape
+    original = root / f"original-{seed}.jpg"
+    folder = root / volume_prefix(w, i)
+    folder.mkdir(parents=True)
+    if not original.exists():
+        original.write_bytes(data)
+    names = [f"p{n:05d}.jpg" for n in range(pages)]
+    for name in names:
+        os.link(original, folder / name)
+    entries = [{"filename": n, "width": wd, "height": h} for n in names]
+    (folder / MANIFEST).write_bytes(gzip.compress(json.dumps(entries).encode(), mtime=0))
+
+
 def long_volumes(stack: Stack, count: int, pages: int) -> list[tuple[str, str]]:
     """Volumes long enough to be still in flight when a fault lands, even on a fast host."""
     vols = [("W1", f"I{n}") for n in range(count)]
