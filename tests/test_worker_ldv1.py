@@ -65,7 +65,10 @@ def test_a_cpu_worker_runs_one_small_model_replica_per_core(stack):
 def test_two_batches_in_flight_find_the_same_lines_as_one(stack):
     """``batches_in_flight`` 2 (a GPU's default) leaves each batch unfinished until the next is
     submitted. Forced on CPU it must give the very lines of one batch at a time (every page's
-    mask stitched into its own slot, in order), and the batches must really have overlapped."""
+    mask stitched into its own slot, in order), and the batches must really have overlapped.
+    One single-threaded inference process, so a core is left to the fetch process (nice 19):
+    beside a model on every core it gets no CPU while they compute, and no frame would be
+    waiting when a batch is submitted (a CI run saw no overlap that way)."""
     from bec.devstack.volumes import make_volume
     from test_worker_metrics import scrape, value
     from workerkit import SOURCE_BUCKET
@@ -77,12 +80,12 @@ def test_two_batches_in_flight_find_the_same_lines_as_one(stack):
     for i_id in ("I0000", "I0001"):  # the same six pages twice
         make_volume(stack.s3, SOURCE_BUCKET, "W22084", i_id, 6, seed=0, kinds=("jpeg_gray",), size=(1200, 400))
     enqueue(stack, q["queue"], [("W22084", "I0000")])
-    run_worker(stack, model=model, timeout=300)
+    run_worker(stack, "--infer-procs", "1", "--infer-threads", "1", model=model, timeout=300)
     stack.db.execute("UPDATE jobs SET config = config || '{\"batches_in_flight\": 2}'::jsonb")
     enqueue(stack, q["queue"], [("W22084", "I0001")])
     port = free_port()
     run = start_worker(stack, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
-                       "--shutdown-after-empty", "0", model=model)
+                       "--shutdown-after-empty", "0", "--infer-procs", "1", "--infer-threads", "1", model=model)
     try:
         run.wait_for("Successfully processed", timeout=240)
         overlapped = value(scrape(port), "bec_inference_overlapped_batches_total")

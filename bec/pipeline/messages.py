@@ -253,9 +253,10 @@ class Mailbox:
                 return msg
 
     def waiting(self) -> bool:
-        """Whether a message is already here (a peek: nothing is taken)."""
-        if self._inbox is not None:
-            return not self._inbox.empty()
+        """Whether a message is already here (a peek: nothing is taken), in the reader's queue
+        or still in the socket (the reader thread may not have run since it arrived)."""
+        if self._inbox is not None and not self._inbox.empty():
+            return True
         ready, _, _ = select.select([self.sock], [], [], 0)
         return bool(ready)
 
