@@ -290,9 +290,11 @@ def model_alone(segmenter: Any, datas: list[bytes], cfg: dict[str, Any], batches
     tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
     size = forward_tiles(segmenter.device.type, max_tiles)
     frames: list[W.Frame] = []
+    n_tiles = 0
     for data in datas:
         frames.append(W.decode_frame(data, cfg))
-        if sum(W.tiles_of(f, tile) for f in frames) >= size * (batches + 1):
+        n_tiles += W.tiles_of(frames[-1], tile)
+        if n_tiles >= size * (batches + 1):
             break
     flat = torch.from_numpy(np.concatenate([W.tile_frame(f.binary, tile) for f in frames]))
     flat = flat[:size * (batches + 1)].to(segmenter.device)
@@ -313,7 +315,7 @@ def model_alone(segmenter: Any, datas: list[bytes], cfg: dict[str, Any], batches
     sync()
     seconds = time.perf_counter() - t
     n = sum(int(x.shape[0]) for x in measured)
-    per_tile_pages = len(frames) / sum(W.tiles_of(f, tile) for f in frames)  # pages per tile of this corpus
+    per_tile_pages = len(frames) / n_tiles  # pages per tile of this corpus
     return StageResult("model alone (device-resident tiles, full batches)", round(n * per_tile_pages), seconds,
                        extra={"tiles": n, "tiles_per_s": round(n / seconds, 2) if seconds else 0,
                               "batch_tiles": size},

@@ -7,7 +7,6 @@ fixture clears those).
 from __future__ import annotations
 
 import collections
-import gzip
 import json
 import os
 import statistics
@@ -20,12 +19,12 @@ import numpy as np
 import psutil
 import pytest
 
-from bec.archive import MANIFEST, volume_prefix
+from bec.archive import volume_prefix
 from bec.devstack.volumes import render
 from bec.telemetry import resident_memory
 from workerkit import (no_shm_leak,  # noqa: F401 - fixture
-                       SOURCE_BUCKET, enqueue, queue_counts, read_parquet, setup_job, shm_entries,
-                       start_worker, tasks)
+                       SOURCE_BUCKET, enqueue, link_folder_volume, queue_counts, read_parquet, setup_job,
+                       shm_entries, start_worker, tasks)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
 
@@ -101,15 +100,7 @@ class Feeder:
 
     def make_volume(self, n: int) -> tuple[str, str]:
         w_id, i_id = "W5000", f"I{n:05d}"
-        folder = self.root / volume_prefix(w_id, i_id)
-        folder.mkdir(parents=True)
-        entries = []
-        for k in range(self.pages):
-            path, ext, (h, w) = self.originals[k % 2]
-            name = f"p{k:04d}.{ext}"
-            os.link(path, folder / name)
-            entries.append({"filename": name, "width": w, "height": h})
-        (folder / MANIFEST).write_bytes(gzip.compress(json.dumps(entries).encode(), mtime=0))
+        link_folder_volume(self.root, w_id, i_id, self.originals, self.pages)
         return w_id, i_id
 
     def run(self) -> None:

@@ -210,27 +210,37 @@ def add_repeated_volume(stack: Stack, w: str, i: str, pages: int, seed: int = 7)
     put_manifest(stack.s3, SOURCE_BUCKET, w, i, [{"filename": n, "width": wd, "height": h} for n in names])
 
 
+def link_folder_volume(root: Path, w: str, i: str, originals: list[tuple[Path, str, tuple[int, int]]],
+                       pages: int) -> None:
+    """A volume in a folder archive (``--s3-source-bucket file://<root>``) whose pages are hard
+    links to ``originals`` ((path, extension, (height, width))) in turn: thousands of pages cost
+    a few files on disk and no uploads."""
+    from bec.archive import MANIFEST, volume_prefix
+    from bec.devstack.volumes import manifest_bytes
+
+    folder = root / volume_prefix(w, i)
+    folder.mkdir(parents=True)
+    entries = []
+    for k in range(pages):
+        path, ext, (h, wd) = originals[k % len(originals)]
+        name = f"p{k:05d}.{ext}"
+        os.link(path, folder / name)
+        entries.append({"filename": name, "width": wd, "height": h})
+    (folder / MANIFEST).write_bytes(manifest_bytes(entries))
+
+
 def add_repeated_folder_volume(root: Path, w: str, i: str, pages: int, seed: int = 7) -> None:
-    """A long volume in a folder archive (``--s3-source-bucket file://<root>``): its pages are
-    hard links to one generated JPEG, so it costs no uploads (1,000 PUTs to moto take ~16 s
-    on a 2-core host) for tests about SQS, not S3."""
+    """``add_repeated_volume`` in a folder archive, for tests about SQS rather than S3 (1,000
+    PUTs to moto take ~16 s on a 2-core host)."""
     import numpy as np
 
-    from bec.archive import MANIFEST, volume_prefix
     from bec.devstack.volumes import render
 
     data, page = render("jpeg_gray", np.random.default_rng(seed))
-    h, wd = page.image.shape
     original = root / f"original-{seed}.jpg"
-    folder = root / volume_prefix(w, i)
-    folder.mkdir(parents=True)
-    if not original.exists():
-        original.write_bytes(data)
-    names = [f"p{n:05d}.jpg" for n in range(pages)]
-    for name in names:
-        os.link(original, folder / name)
-    entries = [{"filename": n, "width": wd, "height": h} for n in names]
-    (folder / MANIFEST).write_bytes(gzip.compress(json.dumps(entries).encode(), mtime=0))
+    root.mkdir(parents=True, exist_ok=True)
+    original.write_bytes(data)
+    link_folder_volume(root, w, i, [(original, "jpg", page.image.shape)], pages)
 
 
 def long_volumes(stack: Stack, count: int, pages: int) -> list[tuple[str, str]]:

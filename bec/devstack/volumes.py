@@ -37,11 +37,16 @@ def render(kind: str, rng: np.random.Generator, width: int | None = None,
     return encode_jpeg(page.image, rgb=(kind == "jpeg_rgb")), page
 
 
+def manifest_bytes(entries: Sequence[dict[str, Any]]) -> bytes:
+    """``dimensions.json`` as the archive stores it: gzip'd JSON. mtime=0: the same entries give
+    the same bytes, hence the same ETag (version)."""
+    return gzip.compress(json.dumps(list(entries)).encode(), mtime=0)
+
+
 def put_manifest(s3: Any, bucket: str, w_id: str, i_id: str, entries: Sequence[dict[str, Any]],
                  raw: bytes | None = None) -> str:
-    """Write ``dimensions.json`` (gzip'd JSON unless ``raw`` is given); returns its version."""
-    # mtime=0: the same entries give the same bytes, hence the same ETag (version)
-    body = raw if raw is not None else gzip.compress(json.dumps(list(entries)).encode(), mtime=0)
+    """Write ``dimensions.json`` (``manifest_bytes`` unless ``raw`` is given); returns its version."""
+    body = raw if raw is not None else manifest_bytes(entries)
     answer = s3.put_object(Bucket=bucket, Key=volume_prefix(w_id, i_id) + MANIFEST, Body=body)
     return answer["ETag"].strip('"')[:6]
 

@@ -253,14 +253,11 @@ def run(ctx: ChildContext) -> None:
     submitted: Batch | None = None  # the batch computing while the one before is finished
     for msg in ctx.inbox(on_idle=engine.report_busy):
         metrics.INFER_WAIT.observe(time.perf_counter() - idle_since)
-        if not isinstance(msg, FrameReady):
-            if submitted is not None:  # what was waiting was no frame: nothing to overlap with
-                engine.finish(submitted)
-                submitted = None
-            continue
-        pages, stop = engine.gather(msg)
-        batch = engine.submit(pages) if pages else None
-        if submitted is not None:
+        batch, stop = None, False
+        if isinstance(msg, FrameReady):
+            pages, stop = engine.gather(msg)
+            batch = engine.submit(pages) if pages else None
+        if submitted is not None:  # the next batch is on its way (or what came was no frame)
             engine.finish(submitted)
             submitted = None
         if batch is not None:
