@@ -204,10 +204,16 @@ def test_a_volume_held_by_a_worker_that_goes_silent_is_taken_over_by_a_running_w
     holder = task_sql.register_worker(stack.db, "holder", job_id, {})
     assert task_sql.claim(stack.db, job_id, volume_id, manifest.version, holder, 3) is not None
     enqueue(stack, q["queue"], vols)
-    # the holder's heartbeat is fresh at the first receive, stale 5 s later; the worker only
-    # goes on polling for 12 s with nothing visible
-    run = run_worker(stack, "--stale-after", "5", "--shutdown-after-empty", "12")
-    assert "running elsewhere" in run.output
+    # The holder beats until the worker has seen its claim (a worker slow to start would find
+    # it stale at the first receive), then goes silent: stale 5 s later. The worker only goes
+    # on polling for 12 s with nothing visible.
+    run = start_worker(stack, "--stale-after", "5", "--shutdown-after-empty", "12")
+    deadline = time.monotonic() + 60
+    while "running elsewhere" not in run.output:
+        assert time.monotonic() < deadline and run.process.poll() is None, run.output
+        task_sql.heartbeat(stack.db, holder)
+        time.sleep(0.5)
+    assert run.wait(120) == 0, run.output
     rows = assert_all_done_once(stack, vols, 3)
     assert rows[0]["attempt"] == 2 and rows[0]["worker_id"] != holder
     assert queue_counts(stack, q["queue"]) == (0, 0)
