@@ -88,6 +88,18 @@ def test_duplicate_messages_make_one_task(stack):
     assert visible + in_flight <= 2
 
 
+def test_a_worker_that_stops_on_empty_polls_leaves_no_receive_open(stack):
+    """The run ends only after its last poll has returned, and starts no other. A long poll
+    still open in SQS after the worker has gone would take the next message and hide it for
+    the visibility timeout, with nobody left to process it."""
+    q = setup_job(stack)
+    run = run_worker(stack)  # an empty queue: two empty polls (of 1 s), then the worker exits
+    assert "Worker completed successfully (2 empty polls)" in run.output
+    enqueue(stack, q["queue"], add_volumes(stack, 1, pages=1))
+    time.sleep(1.5)  # a poll left open would have taken the message by now
+    assert queue_counts(stack, q["queue"]) == (1, 0)
+
+
 def test_poison_messages_go_to_dlq_with_reason(stack):
     q = setup_job(stack)
     bodies = ["not json", "[1,2]", json.dumps({"w_id": "W1"}), json.dumps({"w_id": "W1", "i_id": "I1", "x": 1}),
@@ -187,7 +199,8 @@ def test_too_many_errors_is_retryable(stack):
 
 
 def test_cpu_host_scheduling_of_the_processes(stack):
-    """On CPU the model's threads own the cores: helpers are niced, OpenMP spins briefly."""
+    """On CPU the model's threads own the cores: helpers are niced, OpenMP spins briefly; and
+    no child carries what it does not use."""
     setup_job(stack)
     run = start_worker(stack, "--shutdown-after-empty", "0")
     try:
@@ -196,6 +209,10 @@ def test_cpu_host_scheduling_of_the_processes(stack):
         assert kids["fetch-0"].nice() == 19 and kids["post-0"].nice() == 19
         assert kids["controller"].nice() == 0 and kids["infer-0"].nice() == 0  # heartbeats never wait
         assert kids["infer-0"].environ()["GOMP_SPINCOUNT"] == "10000"
+        # Spawn does not re-run the ``bec`` script in the children (it would import the whole
+        # CLI in each): psycopg's libpq is loaded where the database is used, nowhere else.
+        libpq = {role: any("psycopg" in m.path for m in kid.memory_maps()) for role, kid in kids.items()}
+        assert libpq == {"controller": True, "fetch-0": False, "infer-0": False, "post-0": False}
     finally:
         run.signal(signal.SIGTERM)
         assert run.wait(60) == 0, run.output

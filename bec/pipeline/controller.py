@@ -42,6 +42,8 @@ log = logging.getLogger("bec.controller")
 RETIRE_S = 10.0          # a recovered slot rests this long before reuse
 SCAN_EVERY_S = 0.5       # how often slot ownership is checked against live processes
 PAGE_TIMEOUT_S = 600.0   # a page in the pipeline longer than this is presumed lost
+RECEIVE_GRACE_S = 2.0    # beyond the long poll's own wait, for a receive in flight at the end
+STOP_RECEIVE_WAIT_S = 5.0  # ... when the supervisor stops the run (it kills the controller at 10 s)
 
 
 @dataclass
@@ -108,6 +110,13 @@ class Controller:
         self.empty_polls = 0
         self.pipeline_ready = threading.Event()  # set by the supervisor's PipelineReady
         self.unseen = 0  # received by the receiver thread, not yet taken in by the main loop
+        # Set when the main loop has taken in the receiver's last result: the next receive is
+        # decided on counts that include it (an empty poll that ends the run starts no other).
+        self.taken_in = threading.Event()
+        self.taken_in.set()
+        self.receiver_thread: threading.Thread | None = None
+        # how long the end of the run waits for a receive still in flight (see close)
+        self.last_receive_wait_s = p.poll_wait + RECEIVE_GRACE_S
         self.database_down = False
         self.next_db_probe = 0.0
         self.counters = Counters()
@@ -295,6 +304,9 @@ class Controller:
         in_flight = len(self.volumes) + len(self.admitting) + self.unseen
         if self.draining or self.stopping or in_flight >= self.p.max_volumes_in_flight:
             return 0
+        k = self.p.shutdown_after_empty
+        if k and self.empty_polls >= k:
+            return 0  # the run ends once idle: one more receive could take a message nobody reads
         if self.database_down and not self._database_back():
             return 0  # every message received now would burn one of its receives
         queued_pages = sum(len(v.todo) for v in self.volumes.values())
@@ -322,6 +334,8 @@ class Controller:
                 return
         pause = 1.0
         while not self.stopping and not self.draining:
+            if not self.taken_in.wait(0.1):
+                continue
             want = self._want_more()
             if not want:
                 time.sleep(0.05)
@@ -343,9 +357,16 @@ class Controller:
             for message in received:  # the supervisor releases them if this process dies
                 self.ctx.mailbox.send("supervisor", Track(message.receipt, 0))
             self.unseen += len(got)
+            self.taken_in.clear()
             self.events.put(("received", received, time.monotonic()))
 
     def on_received(self, messages: list[Received], at: float) -> None:
+        try:
+            self._take_in(messages, at)
+        finally:
+            self.taken_in.set()
+
+    def _take_in(self, messages: list[Received], at: float) -> None:
         self.unseen -= len(messages)
         if not messages:
             if not self.volumes and not self.admitting:
@@ -492,6 +513,23 @@ class Controller:
             self.ctx.mailbox.send("supervisor", Untrack(vol.adm.message.receipt))
             log.info("Released volume %s (message %s visible again)", vol.adm.label, vol.adm.message.message_id)
 
+    def _hand_back_last_receive(self) -> None:
+        """A receive still in flight when the run ends may bring messages that SQS has made
+        invisible for the visibility timeout, with nobody left to process them: wait for it
+        and make them visible again. Not when told to release at once (a second signal), and
+        briefly when the supervisor stops the run (it kills a controller that lingers): a
+        message taken by that last poll then returns only after its visibility timeout."""
+        thread = self.receiver_thread
+        if thread is not None and self.ctx.parent_alive():
+            thread.join(self.last_receive_wait_s)
+        while True:
+            try:
+                kind, *args = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "received":
+                self.on_received(*args)  # stopping: each message is made visible and untracked
+
     def done(self) -> str | None:
         """Why the controller may stop now, or None."""
         idle = not self.volumes and not self.admitting and self.events.empty()
@@ -524,16 +562,19 @@ class Controller:
             self.drain_deadline = min(self.drain_deadline, time.monotonic() + msg.grace)
         elif isinstance(msg, ReleaseNow):
             self.draining = True
+            self.last_receive_wait_s = 0.0  # at once means at once
             self.drain_deadline = 0.0
             self.release_all("released: worker stopping now")
         elif isinstance(msg, Stop):
             self.release_all("released: worker stopping")
             self.stopping = True
+            self.last_receive_wait_s = min(self.last_receive_wait_s, STOP_RECEIVE_WAIT_S)
         elif isinstance(msg, PipelineReady):
             self.pipeline_ready.set()
 
     def run(self) -> str:
-        threading.Thread(target=self.receiver, name="receiver", daemon=True).start()
+        self.receiver_thread = threading.Thread(target=self.receiver, name="receiver", daemon=True)
+        self.receiver_thread.start()
         threading.Thread(target=self.extender, name="extender", daemon=True).start()
         while True:
             msg = self.ctx.mailbox.recv(timeout=0.02)
@@ -557,6 +598,7 @@ class Controller:
 
     def close(self) -> None:
         self.stopping = True
+        self._hand_back_last_receive()
         self.admit_pool.shutdown(wait=True, cancel_futures=True)
         self.finish_pool.shutdown(wait=True)
         self.db.close()
