@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -99,6 +100,43 @@ def test_two_batches_in_flight_find_the_same_lines_as_one(stack):
     assert sum(p["nb_contours"] for p in one) > 0
     assert [p["img_file_name"][4:] for p in two] == [p["img_file_name"][4:] for p in one]  # 0000…/0001… + page
     assert [p["contours"] for p in two] == [p["contours"] for p in one]
+
+
+def test_kill_9_of_inference_while_a_batch_is_held_back(stack):
+    """With two batches in flight a computed batch waits, unfinished, while the next one is
+    submitted. Killing the inference process then loses the pages of both: they are taken
+    back, redone inside the same claim, once each, and the volumes are whole."""
+    import urllib.error
+
+    from bec.devstack.moto import free_port
+    from test_worker_metrics import scrape, value
+
+    q = setup_job(stack, {"batch_size": 1, "batches_in_flight": 2})
+    vols = add_volumes(stack, 2, pages=8, kinds=("jpeg_gray",), size=(1200, 400))
+    enqueue(stack, q["queue"], vols)
+    port = free_port()
+    run = start_worker(stack, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
+                       "--infer-procs", "1", "--infer-threads", "1", model=str(shipped_model()))
+    victim = run.wait_children(["infer-0"])["infer-0"]
+    deadline = time.monotonic() + 120
+    overlapped = 0.0
+    while overlapped < 1:  # a batch has been held back: the next ones will be too
+        assert time.monotonic() < deadline and run.process.poll() is None, run.output
+        try:
+            overlapped = value(scrape(port), "bec_inference_overlapped_batches_total")
+        except (urllib.error.URLError, ConnectionError):
+            pass  # the endpoint is not up yet
+        time.sleep(0.05)
+    victim.kill()
+    assert run.wait(300) == 0, run.output
+    assert f"infer-0 (pid {victim.pid}) died" in run.output
+    assert "redoing page" in run.output, run.output  # the dead process' pages were taken back
+    rows = tasks(stack)
+    assert [(r["i_id"], r["status"], r["attempt"], r["nb_errors"]) for r in rows] == \
+        [(i, "done", 1, 0) for _, i in vols]
+    for row in rows:
+        pages = read_parquet(stack, row["w_id"], row["i_id"], row["s3_etag"])
+        assert len(pages) == 8 and all(p["ok"] for p in pages)
 
 
 def test_missing_model_is_a_clear_error(stack, tmp_path):
