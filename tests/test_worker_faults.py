@@ -118,6 +118,34 @@ def test_second_signal_releases_at_once(stack):
     assert "Second signal" in run.output
 
 
+def test_a_drain_hands_back_what_the_receive_in_flight_brings(stack):
+    """SQS cannot cancel a long poll: a message arriving while a drained worker's last poll is
+    still open would be hidden for the visibility timeout, with nobody to process it. The
+    worker waits for that poll and makes what it brings visible again; a second signal does
+    not wait."""
+    q = setup_job(stack)
+    vols = add_volumes(stack, 1, pages=1)
+    run = start_worker(stack, "--poll-wait", "5", "--shutdown-after-empty", "0")
+    run.wait_for("processes ready", timeout=60)
+    time.sleep(0.5)  # a 5 s poll is open
+    run.signal(signal.SIGTERM)
+    run.wait_for("Waiting up to 7 s for the last SQS receive", timeout=10)
+    enqueue(stack, q["queue"], vols)  # taken by that poll
+    assert run.wait(30) == 0, run.output
+    assert queue_counts(stack, q["queue"]) == (1, 0) and tasks(stack) == []
+    assert stack.sqs.receive_message(QueueUrl=q["queue"], AttributeNames=["ApproximateReceiveCount"],
+                                     WaitTimeSeconds=1)["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "2"
+
+    run = start_worker(stack, "--poll-wait", "20", "--shutdown-after-empty", "0")  # the queue is empty
+    run.wait_for("processes ready", timeout=60)
+    run.signal(signal.SIGTERM)
+    run.wait_for("Waiting up to 22 s", timeout=10)
+    run.signal(signal.SIGINT)
+    started = time.monotonic()
+    assert run.wait(30) == 0, run.output
+    assert time.monotonic() - started < 5
+
+
 def test_two_workers_on_one_queue_process_each_volume_once(stack):
     q = setup_job(stack)
     vols = add_volumes(stack, 6, pages=4)

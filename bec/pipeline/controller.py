@@ -521,7 +521,15 @@ class Controller:
         message taken by that last poll then returns only after its visibility timeout."""
         thread = self.receiver_thread
         if thread is not None and self.ctx.parent_alive():
-            thread.join(self.last_receive_wait_s)
+            thread.join(min(0.2, self.last_receive_wait_s))  # a receiver not in a receive leaves at once
+        if thread is not None and thread.is_alive() and self.last_receive_wait_s > 0 and self.ctx.parent_alive():
+            log.info("Waiting up to %.0f s for the last SQS receive to return, to make what it "
+                     "brings visible again (a second signal stops at once)", self.last_receive_wait_s)
+            deadline = time.monotonic() + self.last_receive_wait_s
+            while thread.is_alive() and self.last_receive_wait_s > 0 and time.monotonic() < deadline:
+                msg = self.ctx.mailbox.recv(timeout=0.1)
+                if isinstance(msg, (ReleaseNow, Stop)) or not self.ctx.parent_alive():
+                    break  # the run is over: nothing else in the mailbox matters now
         while True:
             try:
                 kind, *args = self.events.get_nowait()
