@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timezone
@@ -257,15 +259,25 @@ def _watch_view(app: AppContext, job: jobstore.Job, interval: float) -> Any:
 
 
 def _watch_stats(app: AppContext, job: jobstore.Job, interval: float, iterations: int | None) -> None:
+    """Redraw until Ctrl-C. Ctrl-C is how a watch ends, so it only sets a flag: raised as
+    KeyboardInterrupt it could land inside the database pool or an HTTP call and leave a lock
+    held (a CI run saw the command hang there). A second Ctrl-C interrupts at once."""
     from rich.live import Live
 
-    done = 0
+    stop = threading.Event()
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach only it
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if main_thread else None
     try:
         with Live(_watch_view(app, job, interval), console=out, auto_refresh=False,
                   redirect_stdout=False, redirect_stderr=False) as live:
             done = 1
-            while iterations is None or done < iterations:
-                time.sleep(interval)
+            while (iterations is None or done < iterations) and not stop.wait(interval):
                 try:
                     view = _watch_view(app, job, interval)
                 except Unavailable as exc:  # the database blinked: keep the last view, say so
@@ -274,7 +286,10 @@ def _watch_stats(app: AppContext, job: jobstore.Job, interval: float, iterations
                 live.update(view, refresh=True)
                 done += 1
     except KeyboardInterrupt:
-        pass  # Ctrl-C is how a watch ends
+        pass
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _cell(value: Any, fmt: str = "{}") -> str:

@@ -115,6 +115,9 @@ class Controller:
         self.taken_in = threading.Event()
         self.taken_in.set()
         self.receiver_thread: threading.Thread | None = None
+        # Held by the extender around a visibility extension and by a release: a release made
+        # while an extension is in flight would otherwise be undone by it (hidden for the timeout).
+        self.releasing = threading.Lock()
         # how long the end of the run waits for a receive still in flight (see close)
         self.last_receive_wait_s = p.poll_wait + RECEIVE_GRACE_S
         self.database_down = False
@@ -486,15 +489,18 @@ class Controller:
             now = time.monotonic()
             due = [v for v in list(self.volumes.values()) if now > v.visible_until - margin]
             for start in range(0, len(due), 10):
-                batch = due[start:start + 10]
-                try:
-                    answer = self.sqs.change_message_visibility_batch(
-                        QueueUrl=self.p.queue_url,
-                        Entries=[{"Id": str(i), "ReceiptHandle": v.adm.message.receipt, "VisibilityTimeout": vt}
-                                 for i, v in enumerate(batch)])
-                except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-                    log.warning("visibility extension failed (%s)", aws.error_code(exc))
-                    continue
+                with self.releasing:  # an extension landing after a release would hide the message again
+                    batch = [v for v in due[start:start + 10] if v.key in self.volumes]
+                    if not batch:
+                        continue
+                    try:
+                        answer = self.sqs.change_message_visibility_batch(
+                            QueueUrl=self.p.queue_url,
+                            Entries=[{"Id": str(i), "ReceiptHandle": v.adm.message.receipt, "VisibilityTimeout": vt}
+                                     for i, v in enumerate(batch)])
+                    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                        log.warning("visibility extension failed (%s)", aws.error_code(exc))
+                        continue
                 ok = {e["Id"] for e in answer.get("Successful", [])}
                 metrics.SQS_EXTENSIONS.inc(len(ok))
                 for i, v in enumerate(batch):
@@ -506,9 +512,10 @@ class Controller:
         for key, vol in list(self.volumes.items()):
             if vol.finishing:
                 continue
-            lifecycle.release(self.svc, vol.adm, reason)
+            with self.releasing:  # after any extension in flight, and before the next one looks
+                self.volumes.pop(key, None)
+                lifecycle.release(self.svc, vol.adm, reason)
             metrics.VOLUMES.labels("released").inc()
-            self.volumes.pop(key, None)
             self.active_labels.discard((vol.adm.w_id, vol.adm.i_id))
             self.ctx.mailbox.send("supervisor", Untrack(vol.adm.message.receipt))
             log.info("Released volume %s (message %s visible again)", vol.adm.label, vol.adm.message.message_id)
