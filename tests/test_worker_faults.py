@@ -27,6 +27,16 @@ def assert_all_done_once(stack, vols, pages):
     return rows
 
 
+def signal_twice(run, after: str) -> float:
+    """SIGTERM, then SIGINT once ``after`` is logged: the seconds the worker takes to exit 0."""
+    run.signal(signal.SIGTERM)
+    run.wait_for(after, timeout=10)
+    run.signal(signal.SIGINT)
+    started = time.monotonic()
+    assert run.wait(60) == 0, run.output
+    return time.monotonic() - started
+
+
 @pytest.mark.parametrize("role", ["fetch-0", "infer-0", "post-0", "controller"])
 def test_kill_9_of_a_child_mid_volume(stack, role):
     q = setup_job(stack)
@@ -109,12 +119,7 @@ def test_second_signal_releases_at_once(stack):
     enqueue(stack, q["queue"], vols)
     run = start_worker(stack, "--grace", "300", "--shutdown-after-empty", "0")
     run.wait_for("Processing message", timeout=60)
-    run.signal(signal.SIGTERM)
-    run.wait_for("Draining", timeout=10)
-    run.signal(signal.SIGINT)
-    started = time.monotonic()
-    assert run.wait(60) == 0, run.output
-    assert time.monotonic() - started < 30
+    assert signal_twice(run, after="Draining") < 30
     assert "Second signal" in run.output
 
 
@@ -138,12 +143,7 @@ def test_a_drain_hands_back_what_the_receive_in_flight_brings(stack):
 
     run = start_worker(stack, "--poll-wait", "20", "--shutdown-after-empty", "0")  # the queue is empty
     run.wait_for("processes ready", timeout=60)
-    run.signal(signal.SIGTERM)
-    run.wait_for("Waiting up to 22 s", timeout=10)
-    run.signal(signal.SIGINT)
-    started = time.monotonic()
-    assert run.wait(30) == 0, run.output
-    assert time.monotonic() - started < 5
+    assert signal_twice(run, after="Waiting up to 22 s") < 5
 
 
 def test_two_workers_on_one_queue_process_each_volume_once(stack):

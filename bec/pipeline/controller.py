@@ -526,17 +526,17 @@ class Controller:
         and make them visible again. Not when told to release at once (a second signal), and
         briefly when the supervisor stops the run (it kills a controller that lingers): a
         message taken by that last poll then returns only after its visibility timeout."""
-        thread = self.receiver_thread
+        thread, wait_s = self.receiver_thread, self.last_receive_wait_s
         if thread is not None and self.ctx.parent_alive():
-            thread.join(min(0.2, self.last_receive_wait_s))  # a receiver not in a receive leaves at once
-        if thread is not None and thread.is_alive() and self.last_receive_wait_s > 0 and self.ctx.parent_alive():
-            log.info("Waiting up to %.0f s for the last SQS receive to return, to make what it "
-                     "brings visible again (a second signal stops at once)", self.last_receive_wait_s)
-            deadline = time.monotonic() + self.last_receive_wait_s
-            while thread.is_alive() and self.last_receive_wait_s > 0 and time.monotonic() < deadline:
-                msg = self.ctx.mailbox.recv(timeout=0.1)
-                if isinstance(msg, (ReleaseNow, Stop)) or not self.ctx.parent_alive():
-                    break  # the run is over: nothing else in the mailbox matters now
+            thread.join(min(0.2, wait_s))  # a receiver not in a receive leaves at once
+            if thread.is_alive() and wait_s > 0:
+                log.info("Waiting up to %.0f s for the last SQS receive to return, to make what it "
+                         "brings visible again (a second signal stops at once)", wait_s)
+                deadline = time.monotonic() + wait_s
+                while thread.is_alive() and time.monotonic() < deadline:
+                    msg = self.ctx.mailbox.recv(timeout=0.1)
+                    if isinstance(msg, (ReleaseNow, Stop)) or not self.ctx.parent_alive():
+                        break  # the run is over: nothing else in the mailbox matters now
         while True:
             try:
                 kind, *args = self.events.get_nowait()
