@@ -32,11 +32,20 @@ def shm_entries() -> set[str]:
 
 @pytest.fixture
 def no_shm_leak():
-    """Whatever the test does to a worker, no shared-memory segment may stay behind."""
+    """Whatever the test does to a worker, no shared-memory segment may stay behind.
+
+    A new entry must still be there after 5 s to count: tests run in parallel (xdist), and
+    another test's process may hold a short-lived one (a semaphore between create and
+    unlink) at the moment this one looks.
+    """
     before = shm_entries()
     yield
-    time.sleep(0.5)
-    leaked = {e for e in shm_entries() - before if not e.startswith("PostgreSQL")}
+    deadline = time.monotonic() + 5.0
+    while True:
+        time.sleep(0.5)
+        leaked = {e for e in shm_entries() - before if not e.startswith("PostgreSQL")}
+        if not leaked or time.monotonic() > deadline:
+            break
     assert not leaked, f"/dev/shm entries left behind: {leaked}"
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from bec import __version__
-from bec.cli.context import AppContext
+from bec.cli.context import AppContext, fit_consoles_to_streams
 from bec.errors import BecError
 
 
@@ -42,6 +42,7 @@ class BecGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, env_file: str | None, region: str | None) -> None:
     """BEC: batch line detection over a scanned-book archive (S3 + SQS + PostgreSQL)."""
+    fit_consoles_to_streams()
     app = AppContext(env_file=env_file, region_override=region)
     ctx.obj = app
     ctx.call_on_close(app.close)

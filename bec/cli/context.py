@@ -18,16 +18,22 @@ from bec.config import Settings
 from bec.db import Database
 from bec.ids import check_job_name
 
-def _width(stream: object) -> int | None:
-    """Rich squeezes tables to 80 columns when piped; the guide's tables need more."""
-    isatty = getattr(stream, "isatty", lambda: False)
-    if isatty() or os.environ.get("COLUMNS"):
-        return None
-    return 160
+PIPED_WIDTH = 160
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
-err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+def fit_consoles_to_streams() -> None:
+    """Rich squeezes tables to 80 columns when piped; the guide's tables need more.
+
+    Decided per invocation, not at import: the streams and ``COLUMNS`` are those of the
+    command being run (an in-process caller may swap them between commands).
+    """
+    for console, stream in ((out, sys.stdout), (err, sys.stderr)):
+        isatty = getattr(stream, "isatty", lambda: False)
+        piped = not (isatty() or os.environ.get("COLUMNS"))
+        console._width = PIPED_WIDTH if piped else None  # rich's width setter takes no None
 
 
 @dataclass
