@@ -14,15 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
-import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING
 
-from bec import artifacts
+import click
+
 from bec.cli.context import out
-from bec.db import Database
-from bec.devstack import stack
-from bec.devstack.volumes import make_volume
+
+if TYPE_CHECKING:
+    from bec.devstack import stack
 
 VOLUMES = [("W22084", "I0886"), ("W22084", "I0887"), ("W1KG13780", "I1KG15541"),
            ("W22084", "I0888"), ("W22084", "I0889"), ("W22084", "I0890")]
@@ -40,6 +39,10 @@ def _bec(*args: str, log: Path | None = None, check: bool = True) -> subprocess.
 def _drain_leftovers(state: stack.StackState) -> None:
     """Messages an interrupted earlier demo left in the (reused) queue would be processed too.
     (PurgeQueue is refused within 60 s of the last one, so re-runs delete them one by one.)"""
+    import boto3
+
+    from bec.devstack import stack
+
     sqs = boto3.client("sqs", region_name=stack.REGION, endpoint_url=state.moto_url)
     url = sqs.get_queue_url(QueueName=f"bec_{JOB}_tasks")["QueueUrl"]
     while batch := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
@@ -55,6 +58,15 @@ def _drain_leftovers(state: stack.StackState) -> None:
 @click.option("--model-path", default=None, help="Checkpoint to use [default: the shipped small model].")
 def command(n_volumes: int, pages: int, procs: int, out_dir: str, model_path: str | None) -> None:
     """Run the whole system on a local stack and draw the detected lines."""
+    # Imported here, not at the top: every `bec` command imports this module, and these
+    # (pyarrow, numpy, the image stack) would add ~0.12 s to each.
+    import boto3
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bec import artifacts
+    from bec.db import Database
+    from bec.devstack import stack
+    from bec.devstack.volumes import make_volume
     from bec.gallery import index_html, render_volume
 
     out.rule("BEC demo")
