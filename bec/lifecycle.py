@@ -5,7 +5,8 @@
           ─ 3. ensure the volume row; success.json? ... yes → DB done, delete, next
           ─ 4. claim the task (one SQL statement) ..... not claimable → look again once the
                                                          holder's heartbeat could be stale
-    (the controller streams the pages through the pipeline, extending visibility)
+    (the controller streams the pages through the pipeline)
+    extend ─ visibility, while the volume runs ......... never once the message is settled
     finish ─ 5. error ratio within max_error_ratio? ... no → retryable
            ─ 6. Parquet, then success.json, then DB done + metrics, then delete the message
     retry  ─ DB retryable_failed; the message becomes visible again after a back-off
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -57,6 +59,8 @@ class Services:
     model: dict[str, str]
     retry_delay: int = 30
     stale_after_s: float = tasks.STALE_AFTER_S
+    # Held around every change of a message's visibility (see ``extend_visibility``).
+    visibility_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class Received:
     receipt: str
     body: str
     receive_count: int
+    # Set once this worker has given the message its fate (deleted, or visible again now or
+    # after a delay): from then on its visibility is never extended.
+    settled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
     @classmethod
     def from_sqs(cls, raw: dict[str, Any]) -> "Received":
@@ -309,18 +316,48 @@ def send_to_dlq(svc: Services, message: Received, reason: str, kind: str) -> Non
 
 
 def delete_message(svc: Services, message: Received) -> None:
-    try:
-        svc.sqs.delete_message(QueueUrl=svc.queue_url, ReceiptHandle=message.receipt)
-        metrics.SQS_DELETES.inc()
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-        log.warning("could not delete message %s (%s); it will be seen again and skipped",
-                    message.message_id, aws.error_code(exc))
+    with svc.visibility_lock:
+        message.settled.set()
+        try:
+            svc.sqs.delete_message(QueueUrl=svc.queue_url, ReceiptHandle=message.receipt)
+            metrics.SQS_DELETES.inc()
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            log.warning("could not delete message %s (%s); it will be seen again and skipped",
+                        message.message_id, aws.error_code(exc))
 
 
 def set_visibility(svc: Services, message: Received, seconds: int) -> None:
-    try:
-        svc.sqs.change_message_visibility(QueueUrl=svc.queue_url, ReceiptHandle=message.receipt,
-                                          VisibilityTimeout=max(0, min(43200, seconds)))
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-        log.warning("could not change visibility of message %s (%s)", message.message_id,
-                    aws.error_code(exc))
+    """The message's fate for this worker: visible again in ``seconds`` (0: now)."""
+    with svc.visibility_lock:
+        message.settled.set()
+        try:
+            svc.sqs.change_message_visibility(QueueUrl=svc.queue_url, ReceiptHandle=message.receipt,
+                                              VisibilityTimeout=max(0, min(43200, seconds)))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            log.warning("could not change visibility of message %s (%s)", message.message_id,
+                        aws.error_code(exc))
+
+
+def extend_visibility(svc: Services, messages: list[Received], seconds: int) -> list[Received]:
+    """Keep up to 10 messages hidden for ``seconds`` more, while their volumes run; returns
+    those SQS extended.
+
+    Under the same lock as every verdict, and never for a settled message: an extension that
+    landed after a release or a retry's back-off would hide the message again for a whole
+    visibility timeout, with nobody working on it.
+    """
+    with svc.visibility_lock:
+        live = [m for m in messages if not m.settled.is_set()]
+        if not live:
+            return []
+        try:
+            answer = svc.sqs.change_message_visibility_batch(
+                QueueUrl=svc.queue_url,
+                Entries=[{"Id": str(n), "ReceiptHandle": m.receipt, "VisibilityTimeout": seconds}
+                         for n, m in enumerate(live)])
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            log.warning("visibility extension failed (%s)", aws.error_code(exc))
+            return []
+    done = {e["Id"] for e in answer.get("Successful", [])}
+    metrics.SQS_EXTENSIONS.inc(len(done))
+    return [m for n, m in enumerate(live) if str(n) in done]

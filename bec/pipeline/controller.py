@@ -115,9 +115,6 @@ class Controller:
         self.taken_in = threading.Event()
         self.taken_in.set()
         self.receiver_thread: threading.Thread | None = None
-        # Held by the extender around a visibility extension and by a release: a release made
-        # while an extension is in flight would otherwise be undone by it (hidden for the timeout).
-        self.releasing = threading.Lock()
         # how long the end of the run waits for a receive still in flight (see close)
         self.last_receive_wait_s = p.poll_wait + RECEIVE_GRACE_S
         self.database_down = False
@@ -487,34 +484,20 @@ class Controller:
         while not self.stopping:
             time.sleep(min(1.0, max(0.2, vt / 6)))
             now = time.monotonic()
-            due = [v for v in list(self.volumes.values()) if now > v.visible_until - margin]
-            for start in range(0, len(due), 10):
-                with self.releasing:  # an extension landing after a release would hide the message again
-                    batch = [v for v in due[start:start + 10] if v.key in self.volumes]
-                    if not batch:
-                        continue
-                    try:
-                        answer = self.sqs.change_message_visibility_batch(
-                            QueueUrl=self.p.queue_url,
-                            Entries=[{"Id": str(i), "ReceiptHandle": v.adm.message.receipt, "VisibilityTimeout": vt}
-                                     for i, v in enumerate(batch)])
-                    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-                        log.warning("visibility extension failed (%s)", aws.error_code(exc))
-                        continue
-                ok = {e["Id"] for e in answer.get("Successful", [])}
-                metrics.SQS_EXTENSIONS.inc(len(ok))
-                for i, v in enumerate(batch):
-                    if str(i) in ok:
-                        v.visible_until = now + vt
+            due = {id(v.adm.message): v for v in list(self.volumes.values())
+                   if now > v.visible_until - margin}
+            messages = [v.adm.message for v in due.values()]
+            for start in range(0, len(messages), 10):
+                for message in lifecycle.extend_visibility(self.svc, messages[start:start + 10], vt):
+                    due[id(message)].visible_until = now + vt
 
     # -- shutdown ------------------------------------------------------------------------------
     def release_all(self, reason: str) -> None:
         for key, vol in list(self.volumes.items()):
             if vol.finishing:
                 continue
-            with self.releasing:  # after any extension in flight, and before the next one looks
-                self.volumes.pop(key, None)
-                lifecycle.release(self.svc, vol.adm, reason)
+            self.volumes.pop(key, None)
+            lifecycle.release(self.svc, vol.adm, reason)  # settles it: never extended again
             metrics.VOLUMES.labels("released").inc()
             self.active_labels.discard((vol.adm.w_id, vol.adm.i_id))
             self.ctx.mailbox.send("supervisor", Untrack(vol.adm.message.receipt))
