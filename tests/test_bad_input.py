@@ -114,15 +114,21 @@ def manifest_of(body_bytes: bytes) -> archive.Manifest:
     return parse_manifest(body_bytes, "W1", "I1", "Works/x/W1/images/W1-I1/", '"abcdef0123"')
 
 
+def gzipped(data: bytes) -> bytes:
+    """gzip with a fixed header time: these bytes are test ids, and parallel pytest processes
+    (xdist) must collect the same ids."""
+    return gzip.compress(data, mtime=0)
+
+
 def gz(value: object) -> bytes:
-    return gzip.compress(json.dumps(value).encode())
+    return gzipped(json.dumps(value).encode())
 
 
 @pytest.mark.parametrize("raw, reason", [
     (b"\x1f\x8bnot gzip at all", "gzip data is corrupt"),
-    (gzip.compress(b"[{\"filename\": \"a.jpg\"}")[:-6], "gzip data is corrupt"),   # truncated gzip
-    (gzip.compress(b"not json"), "not JSON (nor gzip'd JSON)"),
-    (gzip.compress(b"\xff\xfe\x00garbage"), "not JSON"),
+    (gzipped(b"[{\"filename\": \"a.jpg\"}")[:-6], "gzip data is corrupt"),   # truncated gzip
+    (gzipped(b"not json"), "not JSON (nor gzip'd JSON)"),
+    (gzipped(b"\xff\xfe\x00garbage"), "not JSON"),
     (b"PK\x03\x04 a zip file", "not JSON (nor gzip'd JSON)"),
     (b"", "not JSON"),
     (gz({"filename": "a.jpg"}), "expected a list of images, got dict"),
@@ -130,8 +136,8 @@ def gz(value: object) -> bytes:
     (gz([]), "it lists no images"),
     (gz([{"width": 10}, {"filename": ""}, {"filename": None}, 7]), "none of its 4 entries is usable"),
     (gz([{"filename": "../x.jpg"}, {"filename": "a/b.jpg"}]), "none of its 2 entries is usable"),
-    (gzip.compress(b"[" * 100_000), "JSON nested too deeply"),
-    (gzip.compress(b'[{"filename": "a.jpg", "width": ' + b"9" * 5000 + b"}]"), "not JSON"),
+    (gzipped(b"[" * 100_000), "JSON nested too deeply"),
+    (gzipped(b'[{"filename": "a.jpg", "width": ' + b"9" * 5000 + b"}]"), "not JSON"),
 ])
 def test_unusable_manifests_are_terminal(raw, reason):
     with pytest.raises(TerminalError) as caught:
