@@ -76,7 +76,31 @@ def cli_errors(what: str, endpoint: str | None = None) -> Iterator[None]:
 
 
 def is_not_found(exc: BaseException) -> bool:
-    return error_code(exc) in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+    """The *object* is not there. A missing bucket is not a missing object: it says nothing
+    about the volume and everything about the worker's settings (see ``check_bucket``)."""
+    return error_code(exc) in {"404", "NoSuchKey", "NotFound"}
+
+
+def check_bucket(s3: Any, bucket: str, role: str, setting: str) -> bool:
+    """Before a worker takes any volume: does the ``role`` ("source"/"destination") bucket,
+    named by ``setting`` (the option or variable to fix), exist? A typo in a bucket name
+    would otherwise send every volume of the queue to the DLQ as "manifest missing", or
+    process every volume and fail at the upload.
+
+    False when S3 does not let us look (HeadBucket needs s3:ListBucket, which a worker's
+    role may lack): the caller says so and goes on. A missing bucket is ``BadInput``."""
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return True
+    except botocore.exceptions.ClientError as exc:
+        code = error_code(exc)
+        if code in {"404", "NoSuchBucket", "NotFound"}:
+            raise BadInput(f"the {role} bucket {bucket!r} does not exist"
+                           f"{f' at {endpoint_of(s3)}' if configured_endpoint('s3') else ''}: "
+                           f"check {setting}") from None
+        if code in {"403", "AccessDenied", "Forbidden"}:
+            return False
+        raise
 
 
 def as_retryable(what: str, exc: BaseException) -> RetryableError:

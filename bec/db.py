@@ -7,6 +7,7 @@ shown.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from importlib import resources
 from typing import Any, Iterator, Sequence
@@ -23,6 +24,20 @@ SCHEMA_LOCK_KEY = 0x0BEC_5C4E  # advisory lock serialising concurrent schema app
 
 def schema_sql() -> str:
     return resources.files("bec").joinpath("schema.sql").read_text()
+
+
+@contextlib.contextmanager
+def _pool_warnings_muted() -> Iterator[None]:
+    """While the pool first opens, its "error connecting" warnings (one per attempt, printed by
+    Python's last-resort handler in a CLI command) only repeat what ``Unavailable`` then says
+    in one line. Later reconnects still warn: a worker's log should show a database outage."""
+    pool_log = logging.getLogger("psycopg.pool")
+    before = pool_log.level
+    pool_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pool_log.setLevel(before)
 
 
 class Database:
@@ -43,7 +58,8 @@ class Database:
                                    check=ConnectionPool.check_connection,
                                    name=f"bec-{application_name}")
         try:
-            self.pool.open(wait=True, timeout=connect_timeout)
+            with _pool_warnings_muted():
+                self.pool.open(wait=True, timeout=connect_timeout)
         except PoolTimeout:
             self.pool.close(timeout=0)
             raise Unavailable(self._why_unreachable()) from None

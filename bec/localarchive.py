@@ -21,9 +21,14 @@ def is_local(bucket: str) -> bool:
     return bucket.startswith(SCHEME)
 
 
+def local_root(bucket: str) -> Path:
+    """The folder a ``file://`` source names."""
+    return Path(bucket[len(SCHEME):]).resolve()
+
+
 class DirectoryS3:
     def __init__(self, url: str) -> None:
-        self.root = Path(url[len(SCHEME):]).resolve()
+        self.root = local_root(url)
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()

@@ -28,6 +28,8 @@ def parse_volume(text: str, where: str) -> tuple[str, str]:
 def parse_lines(lines: Iterable[str], source: str) -> list[tuple[str, str]]:
     volumes = []
     for number, raw in enumerate(lines, start=1):
+        if number == 1:
+            raw = raw.removeprefix("\ufeff")  # the byte-order mark Windows editors write
         line = raw.split("#", 1)[0].strip()
         if line:
             volumes.append(parse_volume(line, f"{source} line {number}"))

@@ -33,7 +33,7 @@ from PIL import Image
 
 from bec import archive, imaging
 from bec.archive import MAX_FILENAME, parse_manifest, volume_prefix
-from bec.errors import BadInput, PageError, PoisonMessage, TerminalError
+from bec.errors import BadInput, PageError, PoisonMessage, RetryableError, TerminalError
 from bec.ids import (I_ID, JOB_NAME, MAX_ID_LENGTH, MAX_JOB_NAME_LENGTH, W_ID, check_i_id, check_job_name,
                      check_w_id, queue_names)
 from bec.lifecycle import MAX_BODY, parse_body
@@ -143,6 +143,19 @@ def test_unusable_manifests_are_terminal(raw, reason):
     with pytest.raises(TerminalError) as caught:
         manifest_of(raw)
     assert reason in str(caught.value) and str(caught.value).startswith("invalid manifest: ")
+
+
+def test_a_missing_bucket_is_not_a_missing_manifest(stack):
+    """A missing *object* is terminal for the volume; a missing *bucket* says nothing about the
+    volume (it is the worker's settings, or an outage), so the volume is only retried."""
+    from bec.devstack.volumes import ensure_bucket
+    from conftest import SOURCE_BUCKET
+
+    ensure_bucket(stack.s3, SOURCE_BUCKET)
+    with pytest.raises(TerminalError, match="manifest missing"):
+        archive.read_manifest(stack.s3, SOURCE_BUCKET, "W404", "I404")
+    with pytest.raises(RetryableError, match="NoSuchBucket"):
+        archive.read_manifest(stack.s3, "no-such-archive", "W1", "I1")
 
 
 def test_gzip_bomb_manifest_is_refused_without_inflating_it(monkeypatch):

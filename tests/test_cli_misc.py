@@ -57,6 +57,13 @@ def test_unreachable_database_names_host_not_password(stack, monkeypatch):
     err = fails("jobs", "create", "--name", "ldv1")
     assert "cannot connect to PostgreSQL at postgres@127.0.0.1:" in err
     assert "s3cret-pw" not in err
+    # A real process, where nothing configures logging: the pool's own "error connecting"
+    # warnings (one per attempt, through Python's last-resort handler) used to come first.
+    result = subprocess.run([BEC, "jobs", "list"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **stack.env, "BEC_SQL_PORT": os.environ["BEC_SQL_PORT"]})
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: cannot connect to PostgreSQL"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert stack.sqs.list_queues().get("QueueUrls", []) == []
 
 
@@ -161,3 +168,33 @@ def test_a_cli_command_does_not_import_the_image_or_model_stack():
              "print(' '.join(m for m in ('numpy', 'pyarrow', 'PIL', 'torch', 'cv2') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == ""
+
+
+def test_a_worker_without_the_ldv1_extras_says_what_to_install(stack):
+    """On the core install (`pip install -e .`) every child used to crash at import, be
+    restarted six times and print a traceback each time."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['cv2'] = None; "
+            "from bec.cli import main; sys.argv = ['bec', 'worker', '--job-name', 'ldv1']; main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **stack.env}, cwd=stack.workdir)
+    assert result.returncode == 1, result.stderr
+    assert "needs the ldv1 extras, and torch, opencv-python-headless are not installed" in result.stderr
+    assert "pip install -e '.[ldv1]'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert stack.db.row("SELECT count(*) AS n FROM workers")["n"] == 0
+
+
+def test_every_option_of_every_command_has_help_text():
+    """`bec <command> --help` is the operator's manual on the host: no bare option names."""
+    import click
+
+    from bec.cli import cli
+
+    def walk(command: click.Command, path: str):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    bare = [f"{path} {param.opts[0]}" for path, command in walk(cli, "bec") for param in command.params
+            if isinstance(param, click.Option) and not param.help and param.name != "help"]
+    assert bare == []

@@ -41,6 +41,13 @@ def test_enqueue_file_format_dedupe_and_bodies(stack, job, tmp_path):
     assert all(set(b) == {"w_id", "i_id"} for b in bodies)
 
 
+def test_enqueue_a_file_saved_by_a_windows_editor(stack, job, tmp_path):
+    vols = tmp_path / "volumes.txt"
+    vols.write_bytes("W22084,I0886\r\nW22084 I0887\r\n".encode("utf-8-sig"))
+    assert "✓ Enqueued 2 volumes" in ok("queue", "enqueue", "--job-name", "ldv1", "--file", str(vols))
+    assert sorted(b["w_id"] + "/" + b["i_id"] for b in drain(stack.sqs, job[0])) == ["W22084/I0886", "W22084/I0887"]
+
+
 def test_enqueue_single_and_multiple_volumes(stack, job):
     ok("queue", "enqueue", "--job-name", "ldv1", "--volume", "W22084,I0886")
     ok("queue", "enqueue", "--job-name", "ldv1", "--volume", "W22084,I0886", "--volume", "W22084,I0887")
@@ -157,3 +164,20 @@ def test_redrive_argument_errors(stack, job):
     assert "either --job-name" in fails("queue", "redrive", "--job-name", "ldv1", "--source-queue-url", "x")
     assert "NonExistentQueue" in fails("queue", "redrive", "--source-queue-url", job[0] + "nope",
                                        "--dest-queue-url", job[0])
+    # a queue onto itself: before, the fallback move never ran out of messages
+    fill_dlq(stack, job[1], 2)
+    assert "same queue (bec_ldv1_dlq): nothing to move" in fails(
+        "queue", "redrive", "--source-queue-url", job[1], "--dest-queue-url", job[1])
+    assert queues.depth(stack.sqs, job[1])["visible"] == 2
+
+
+def test_a_missing_queue_is_named(stack, job):
+    """A job has two queues: an SQS error says which one is gone."""
+    stack.sqs.delete_queue(QueueUrl=job[1])
+    err = fails("queue", "stats", "--job-name", "ldv1")
+    assert "SQS queue bec_ldv1_dlq: " in err and "NonExistentQueue" in err
+    err = fails("queue", "redrive", "--job-name", "ldv1")
+    assert "SQS queue bec_ldv1_dlq: " in err
+    stack.sqs.delete_queue(QueueUrl=job[0])
+    assert "SQS queue bec_ldv1_tasks: " in fails("queue", "enqueue", "--job-name", "ldv1", "--volume", "W1,I1")
+    assert "SQS queue bec_ldv1_tasks: " in fails("queue", "purge", "--job-name", "ldv1", "--yes")

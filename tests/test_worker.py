@@ -136,6 +136,25 @@ def test_missing_manifest_is_terminal_and_goes_to_dlq(stack):
     assert "manifest missing" in msgs[0]["MessageAttributes"]["bec_reason"]["StringValue"]
 
 
+@pytest.mark.parametrize("option, value, said", [
+    ("--s3-source-bucket", "no-such-archive", "the source bucket 'no-such-archive' does not exist"),
+    ("--s3-dest-bucket", "no-such-results", "the destination bucket 'no-such-results' does not exist"),
+    ("--s3-source-bucket", "file:///no/such/folder", "the source folder '/no/such/folder' does not exist"),
+], ids=["source", "dest", "folder"])
+def test_a_bucket_that_does_not_exist_stops_the_worker_before_it_takes_a_volume(stack, option, value, said):
+    """A typo in a bucket name is the worker's fault, not the volumes': before, a wrong source
+    bucket sent every volume to the DLQ as "manifest missing" and the worker exited 0."""
+    q = setup_job(stack)
+    enqueue(stack, q["queue"], add_volumes(stack, 1, pages=2))
+    run = start_worker(stack, option, value)
+    assert run.wait(60) == 1
+    assert said in run.output and "Traceback" not in run.output
+    assert "Starting BEC Worker" not in run.output  # refused before registering or receiving
+    assert queue_counts(stack, q["queue"]) == (1, 0) and queue_counts(stack, q["dlq"]) == (0, 0)
+    assert tasks(stack) == []
+    assert stack.db.row("SELECT count(*) AS n FROM workers")["n"] == 0
+
+
 def test_invalid_manifest_is_terminal(stack):
     q = setup_job(stack)
     put_manifest(stack.s3, SOURCE_BUCKET, "W1", "I1", [], raw=b"\x1f\x8bnot really gzip")

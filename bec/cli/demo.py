@@ -51,10 +51,13 @@ def _drain_leftovers(state: stack.StackState) -> None:
 
 
 @click.command("demo")
-@click.option("--volumes", "n_volumes", type=click.IntRange(1, len(VOLUMES)), default=3, show_default=True)
+@click.option("--volumes", "n_volumes", type=click.IntRange(1, len(VOLUMES)), default=3, show_default=True,
+              help="Generated volumes to enqueue.")
 @click.option("--pages", type=click.IntRange(1, 200), default=4, show_default=True, help="Pages per volume.")
-@click.option("--procs", type=click.IntRange(1, 64), default=2, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@click.option("--procs", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="The worker's fetch/decode processes.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="demo-out", show_default=True,
+              help="Folder for the drawn pages and the gallery (index.html).")
 @click.option("--model-path", default=None, help="Checkpoint to use [default: the shipped small model].")
 def command(n_volumes: int, pages: int, procs: int, out_dir: str, model_path: str | None) -> None:
     """Run the whole system on a local stack and draw the detected lines."""

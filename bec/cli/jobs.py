@@ -69,7 +69,8 @@ def create(app: AppContext, name: str, config_file: str | None, config_text: str
     with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
         if queue_url and dlq_url:
             for url in (queue_url, dlq_url):
-                queues.queue_arn(sqs, url)  # proves it exists and is reachable
+                with aws.cli_errors(f"SQS queue {url}", aws.endpoint_of(sqs)):
+                    queues.queue_arn(sqs, url)  # proves it exists and is reachable
             out.print(f"Using existing queues for job '{name}'...")
             out.print(f"✓ Using queue: {queue_url}")
             out.print(f"✓ Using DLQ: {dlq_url}")
@@ -140,10 +141,10 @@ def delete(app: AppContext, name: str, yes: bool, delete_queues: bool) -> None:
         click.confirm(f"Delete job '{name}' (id={job.id}), its task history{what}?", abort=True)
     if delete_queues:
         sqs = app.sqs
-        with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
-            for url in (job.queue_url, job.dlq_url):
+        for url in (job.queue_url, job.dlq_url):
+            with aws.cli_errors(f"SQS queue {queues.queue_name_of(url)}", aws.endpoint_of(sqs)):
                 sqs.delete_queue(QueueUrl=url)
-                out.print(f"✓ Deleted queue: {url}")
+            out.print(f"✓ Deleted queue: {url}")
     removed = jobstore.delete(app.db, job.id)
     out.print(f"✓ Deleted job: id={job.id}, name={job.name} ({removed} task rows)")
 
@@ -246,7 +247,7 @@ def _watch_view(app: AppContext, job: jobstore.Job, interval: float) -> Any:
     depth: dict[str, int] | None = None
     why = None
     try:
-        with aws.cli_errors("SQS", aws.endpoint_of(app.sqs)):
+        with aws.cli_errors(f"SQS queue {queues.queue_name_of(job.queue_url)}", aws.endpoint_of(app.sqs)):
             depth = queue_depth(app.sqs, job.queue_url)
     except BecError as exc:
         why = str(exc)
@@ -303,8 +304,10 @@ def _volume_label(w_id: str, i_id: str, width: int = 17) -> str:
 
 @jobs.command("tasks")
 @click.argument("name", callback=valid_job_name)
-@click.option("--limit", type=click.IntRange(1, 100000), default=10, show_default=True)
-@click.option("--status", type=click.Choice(jobstore.STATUSES), default=None)
+@click.option("--limit", type=click.IntRange(1, 100000), default=10, show_default=True,
+              help="How many of the most recent task executions to show.")
+@click.option("--status", type=click.Choice(jobstore.STATUSES), default=None,
+              help="Only tasks in this status.")
 @pass_app
 def tasks(app: AppContext, name: str, limit: int, status: str | None) -> None:
     """Recent task executions, newest first."""

@@ -22,6 +22,11 @@ def queue() -> None:
     """Work with a job's SQS queues."""
 
 
+def _sqs_queue(url: str) -> str:
+    """How an SQS failure names its queue ("SQS queue ldv1-tasks"): a job has two."""
+    return f"SQS queue {queues.queue_name_of(url)}"
+
+
 def _progress(total: int, label: str) -> Progress:
     return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=err, disable=total < PROGRESS_FROM)
@@ -34,7 +39,7 @@ def _read_volumes(file: str | None, volumes: tuple[str, ...]) -> list[tuple[str,
             if file == "-":
                 lines = sys.stdin.read().splitlines()
             else:
-                lines = Path(file).read_text().splitlines()
+                lines = Path(file).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise BadInput(f"cannot read volume file {file}: {reason}") from None
@@ -47,7 +52,7 @@ def _read_volumes(file: str | None, volumes: tuple[str, ...]) -> list[tuple[str,
 
 
 @queue.command("enqueue")
-@click.option("--job-name", required=True, callback=valid_job_name)
+@click.option("--job-name", required=True, callback=valid_job_name, help="The job whose queue this is.")
 @click.option("--file", "file", type=click.Path(dir_okay=False, allow_dash=True),
               help="Volume list: one 'W_ID,I_ID' or 'W_ID I_ID' per line, '#' comments ('-' = stdin).")
 @click.option("--volume", "volumes", multiple=True, metavar="W_ID,I_ID", help="A volume (repeatable).")
@@ -59,7 +64,8 @@ def enqueue(app: AppContext, job_name: str, file: str | None, volumes: tuple[str
     job = jobstore.get(app.db, job_name)
     bodies = queues.bodies_for_volumes(wanted)
     sqs = app.sqs
-    with aws.cli_errors("SQS", aws.endpoint_of(sqs)), _progress(len(bodies), "Enqueueing") as bar:
+    with aws.cli_errors(_sqs_queue(job.queue_url), aws.endpoint_of(sqs)), \
+            _progress(len(bodies), "Enqueueing") as bar:
         task = bar.add_task("send", total=len(bodies))
         report = queues.send_bodies(sqs, job.queue_url, bodies,
                                     on_progress=lambda n: bar.advance(task, n))
@@ -80,14 +86,15 @@ def _when(epoch: str | None) -> str:
 
 
 @queue.command("stats")
-@click.option("--job-name", required=True, callback=valid_job_name)
+@click.option("--job-name", required=True, callback=valid_job_name, help="The job whose queue this is.")
 @pass_app
 def stats(app: AppContext, job_name: str) -> None:
     """Message counts of the job's queue (and its DLQ)."""
     job = jobstore.get(app.db, job_name)
     sqs = app.sqs
-    with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
+    with aws.cli_errors(_sqs_queue(job.queue_url), aws.endpoint_of(sqs)):
         attrs = queues.queue_attributes(sqs, job.queue_url)
+    with aws.cli_errors(_sqs_queue(job.dlq_url), aws.endpoint_of(sqs)):
         dlq = queues.depth(sqs, job.dlq_url)
     table = Table()
     table.add_column("Metric")
@@ -102,7 +109,7 @@ def stats(app: AppContext, job_name: str) -> None:
 
 
 @queue.command("purge")
-@click.option("--job-name", required=True, callback=valid_job_name)
+@click.option("--job-name", required=True, callback=valid_job_name, help="The job whose queue this is.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--dlq", "purge_dlq", is_flag=True, help="Purge the job's DLQ instead of its tasks queue.")
 @pass_app
@@ -114,7 +121,7 @@ def purge(app: AppContext, job_name: str, yes: bool, purge_dlq: bool) -> None:
         click.confirm(f"Delete ALL messages of {queues.queue_name_of(url)}? This is irreversible",
                       abort=True)
     sqs = app.sqs
-    with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
+    with aws.cli_errors(_sqs_queue(url), aws.endpoint_of(sqs)):
         sqs.purge_queue(QueueUrl=url)
     out.print(f"✓ Purged queue: {url}")
 
@@ -137,11 +144,17 @@ def redrive(app: AppContext, job_name: str | None, source_queue_url: str | None,
     elif not (source_queue_url and dest_queue_url):
         raise BadInput("give --job-name, or both --source-queue-url and --dest-queue-url")
     sqs = app.sqs
+    arns = []
+    for url in (source_queue_url, dest_queue_url):
+        with aws.cli_errors(_sqs_queue(url), aws.endpoint_of(sqs)):
+            arns.append(queues.queue_arn(sqs, url))
+    if arns[0] == arns[1]:  # a move onto itself would never run out of messages
+        raise BadInput(f"the source and destination are the same queue "
+                       f"({queues.queue_name_of(source_queue_url)}): nothing to move")
     with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
         if max_messages is None:
             single_try = app.client("sqs", max_attempts=1)
-            handle = queues.start_move_task(single_try, queues.queue_arn(sqs, source_queue_url),
-                                            queues.queue_arn(sqs, dest_queue_url))
+            handle = queues.start_move_task(single_try, arns[0], arns[1])
             if handle:
                 out.print(f"✓ Started SQS message move task {handle} from "
                           f"{queues.queue_name_of(source_queue_url)} to "

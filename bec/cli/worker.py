@@ -103,8 +103,47 @@ def command(app: AppContext, job_name: str, **opts: Any) -> None:
         telemetry.cleanup(folder)
 
 
+def _check_worker_extras() -> None:
+    """The worker's image and model stack is an extra (``bec[ldv1]``); without it every child
+    would crash at import and be restarted until the supervisor gives up."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # e.g. a module set to None in sys.modules
+            return True
+
+    missing = [name for module, name in (("torch", "torch"), ("cv2", "opencv-python-headless"),
+                                         ("numpy", "numpy"), ("PIL", "Pillow")) if absent(module)]
+    if missing:
+        raise BadInput(f"bec worker needs the ldv1 extras, and {', '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not installed: "
+                       "pip install -e '.[ldv1]' (torch separately, see README)")
+
+
+def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
+    """Both buckets exist before the first volume is taken (see ``aws.check_bucket``)."""
+    from bec.localarchive import is_local, local_root
+
+    s3 = aws.client("s3", region, max_attempts=2)
+    checks = [(dest_bucket, "destination", "--s3-dest-bucket / BEC_DEST_S3_BUCKET")]
+    if is_local(source_bucket):
+        root = local_root(source_bucket)
+        if not root.is_dir():
+            raise BadInput(f"the source folder {str(root)!r} does not exist or is not a folder: "
+                           "check --s3-source-bucket / BEC_SOURCE_S3_BUCKET")
+    else:
+        checks.insert(0, (source_bucket, "source", "--s3-source-bucket / BEC_SOURCE_S3_BUCKET"))
+    for bucket, role, setting in checks:
+        with aws.cli_errors(f"S3 {role} bucket {bucket}", aws.endpoint_of(s3)):
+            if not aws.check_bucket(s3, bucket, role, setting):
+                log.warning("Cannot check that the %s bucket %s exists (HeadBucket is denied); "
+                            "going on", role, bucket)
+
+
 def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
-    from bec.ldv1.config import Ldv1Config
+    from bec.ldv1.config import Ldv1Config, precision_on
     from bec.logs import setup_logging
     from bec.pipeline.child import PipelineSpec
     from bec.pipeline.slots import SlotPool
@@ -113,6 +152,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     log_json = bool(_setting(app, opts["log_json"], "BEC_LOG_JSON", False, lambda v: v.lower() in ("1", "true", "yes")))
     setup_logging(json_lines=log_json)
     check_job_name(job_name)
+    _check_worker_extras()
     settings = app.settings
     region = settings.region(opts["region"])
     dest_bucket = settings.dest_bucket(opts["s3_dest_bucket"])
@@ -138,8 +178,9 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     else:
         n_infer, infer_threads = cpu_inference_layout(model_path, cores, n_infer, infer_threads)
     sqs = app.sqs
-    with aws.cli_errors("SQS", aws.endpoint_of(sqs)):
+    with aws.cli_errors(f"SQS queue {queues.queue_name_of(job.queue_url)}", aws.endpoint_of(sqs)):
         queues.queue_arn(sqs, job.queue_url)  # the queue exists and the endpoint answers
+    _check_buckets(region, source_bucket, dest_bucket)
     worker_name = opts["worker_name"] or settings.get("BEC_WORKER_NAME") or socket.gethostname()
     worker_id = tasks.register_worker(db, worker_name, job.id, {"procs": procs, "device": device,
                                                                 "model": identity})
@@ -152,8 +193,11 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     say(f"Worker initialized: worker_id={worker_id}, job_id={job.id}")
     say(f"Queue: {job.queue_url}")
     say(f"DLQ: {job.dlq_url}")
+    runs_in = precision_on(device, config["precision"])
     say(f"Model: {identity['name']} (sha256 {identity['sha256'][:12] or '-'}) on {device}, "
-        f"precision {config['precision']}")
+        f"precision {config['precision']}"
+        + (f" (runs in {runs_in}: no fast {config['precision']} path on this device)"
+           if runs_in != config["precision"] else ""))
 
     pipeline = PipelineSpec(
         namespace=new_namespace(worker_id), roles=[], slots=None,  # type: ignore[arg-type]

@@ -33,7 +33,8 @@ def workers() -> None:
 
 @workers.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Include stopped workers (default: last 50).")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True,
+              help="How many workers to show, newest first.")
 @pass_app
 def list_workers(app: AppContext, show_all: bool, limit: int) -> None:
     """Workers with their heartbeat age; a silent running worker is marked stale."""

@@ -14,6 +14,13 @@ from bec.errors import ConfigError
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
+def precision_on(device_type: str, precision: str) -> str:
+    """The precision a model really computes in on a device: fp16 on a CPU runs in fp32
+    (few CPU kernels have an fp16 path, and those are slower than fp32). The worker decides
+    this once and says so in its start-up lines; ``precision.resolve_dtype`` follows it."""
+    return "fp32" if precision == "fp16" and device_type == "cpu" else precision
+
+
 @dataclass(frozen=True)
 class Ldv1Config:
     use_gpu: bool = True

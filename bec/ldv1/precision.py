@@ -29,6 +29,7 @@ import torch.fx
 from torch import nn
 
 from bec.errors import ModelError
+from bec.ldv1.config import precision_on
 
 __all__ = ["PRECISIONS", "fold_batchnorm", "prepare_for_inference", "resolve_dtype"]
 
@@ -47,9 +48,7 @@ def resolve_dtype(device: torch.device, precision: str) -> torch.dtype:
         raise ModelError(
             f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}"
         )
-    if precision == "fp16" and torch.device(device).type == "cpu":
-        return torch.float32
-    return PRECISIONS[precision]
+    return PRECISIONS[precision_on(torch.device(device).type, precision)]
 
 
 # ----------------------------------------------------------------- BatchNorm folding

@@ -23,6 +23,7 @@ import torch
 
 from bec import metrics
 from bec.ldv1 import preprocess as P
+from bec.ldv1.config import precision_on
 from bec.ldv1 import preprocess_torch as PT
 from bec.ldv1.segmenter import Segmenter, load_segmenter, warm_up
 from bec.pipeline import slots as S
@@ -238,7 +239,8 @@ def build_segmenter(ctx: ChildContext) -> Segmenter:
         torch.backends.cudnn.benchmark = True
     else:
         torch.set_num_threads(max(1, p.infer_threads))
-    return load_segmenter(p.model_path, device, cfg["precision"], compile_model=cfg["compile_model"],
+    precision = precision_on(device.type, cfg["precision"])  # the start-up lines said so already
+    return load_segmenter(p.model_path, device, precision, compile_model=cfg["compile_model"],
                           channels_last=cfg["channels_last"], threshold=cfg["line_threshold"],
                           tile=int(cfg["tile_size"]))
 
