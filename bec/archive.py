@@ -11,7 +11,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from bec import aws
+from bec import aws, metrics
 from bec.errors import RetryableError, TerminalError
 from bec.ids import check_i_id, check_w_id
 
@@ -133,6 +133,7 @@ def read_manifest(s3: Any, bucket: str, w_id: str, i_id: str) -> Manifest:
         if obj.get("ContentLength", 0) > MAX_MANIFEST_BYTES:
             raise TerminalError(f"invalid manifest: larger than {MAX_MANIFEST_BYTES} bytes")
         body = obj["Body"].read()
+        metrics.S3_READ.inc(len(body))
     except botocore.exceptions.ClientError as exc:
         if aws.is_not_found(exc):
             raise TerminalError(f"manifest missing: s3://{bucket}/{prefix}{MANIFEST}") from None

@@ -63,6 +63,11 @@ def sniff(data: bytes) -> str:
     return "other"
 
 
+#: The output's contours and boxes are int16 in original-image pixels (DESIGN §3): a longer
+#: side could not be written without clipping its coordinates, so such a page is refused.
+MAX_SIDE = 32767
+
+
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise PageError("decode", "corrupt_image", f"image claims a size of {width}×{height}")
@@ -70,6 +75,10 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise PageError("decode", "too_large",
                         f"image of {width}×{height} = {width * height:,} pixels exceeds the "
                         f"limit of {max_pixels:,}")
+    if max(width, height) > MAX_SIDE:
+        raise PageError("decode", "too_large",
+                        f"image of {width}×{height}: a side over {MAX_SIDE:,} pixels does not fit the "
+                        "output's int16 coordinates")
 
 
 def _scale_for(width: int, height: int, want_w: int, want_h: int) -> Fraction | None:

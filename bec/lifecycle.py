@@ -11,6 +11,7 @@
            ─ 6. Parquet, then success.json, then DB done + metrics, then delete the message
     retry  ─ DB retryable_failed; the message becomes visible again after a back-off
     release ─ DB retryable_failed; visible again at once (shutdown, crash of the controller)
+    let go ─ the claim was taken over (this worker went stale): touch neither row nor message
 
 Errors are classified where they arise (``bec.errors``); this module only routes them.
 """
@@ -191,6 +192,7 @@ def read_success_marker(svc: Services, w_id: str, i_id: str, version: str) -> di
     key = artifacts.success_key(svc.job_name, w_id, i_id, version)
     try:
         body = svc.s3.get_object(Bucket=svc.dest_bucket, Key=key)["Body"].read()
+        metrics.S3_READ.inc(len(body))
     except botocore.exceptions.ClientError as exc:
         if aws.is_not_found(exc):
             return None
@@ -252,13 +254,16 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
         retry_later(svc, adm, reason, nb_errors=errors, duration_ms=duration_ms)
         return Verdict.RETRY
     try:
-        tasks.mark_done(svc.db, adm.task_id, len(pages), errors, duration_ms)
+        ours = tasks.mark_done(svc.db, adm.task_id, svc.worker_id, adm.attempt, len(pages), errors, duration_ms)
     except Unavailable as exc:
         # success.json is written: the next delivery sees it and repairs the DB row.
         log.warning("volume %s not finished: recording done: %s (success.json is written: the "
                     "next delivery repairs the database)", adm.label, exc)
         retry_later(svc, adm, f"recording done: {exc}", record=False)
         return Verdict.RETRY
+    if not ours:
+        let_go(svc, adm, "wrote its artifacts")
+        return Verdict.NOT_CLAIMABLE
     delete_message(svc, adm.message)
     metrics.STAGE_SECONDS.labels("write").observe(time.perf_counter() - write_started)
     return Verdict.ADMITTED
@@ -274,8 +279,10 @@ def retry_later(svc: Services, adm: Admission, reason: str, *, nb_errors: int | 
     """Retryable: DB ``retryable_failed`` and the message visible again after a back-off."""
     if record and adm.task_id:
         try:
-            tasks.mark_failed(svc.db, adm.task_id, terminal=False, reason=reason,
-                              nb_errors=nb_errors, total_duration_ms=duration_ms)
+            if not tasks.mark_failed(svc.db, adm.task_id, svc.worker_id, adm.attempt, terminal=False,
+                                     reason=reason, nb_errors=nb_errors, total_duration_ms=duration_ms):
+                let_go(svc, adm, "failed it")
+                return
         except Unavailable as exc:
             log.warning("could not record retryable failure of %s: %s", adm.label, exc)
     set_visibility(svc, adm.message, backoff_s(svc, adm.message.receive_count))
@@ -285,10 +292,23 @@ def release(svc: Services, adm: Admission, reason: str) -> None:
     """Give the volume back now: DB ``retryable_failed``, message visible at once."""
     if adm.task_id:
         try:
-            tasks.mark_failed(svc.db, adm.task_id, terminal=False, reason=reason)
+            if not tasks.mark_failed(svc.db, adm.task_id, svc.worker_id, adm.attempt, terminal=False,
+                                     reason=reason):
+                let_go(svc, adm, "released it")
+                return
         except Unavailable as exc:
             log.warning("could not record release of %s: %s", adm.label, exc)
     set_visibility(svc, adm.message, 0)
+
+
+def let_go(svc: Services, adm: Admission, what: str) -> None:
+    """The claim was taken over while this worker held it (its heartbeat went stale). The new
+    holder has the task row and the message (with its own receipt): touch neither, and stop
+    extending this worker's now stale receipt."""
+    with svc.visibility_lock:
+        adm.message.settled.set()
+    log.warning("volume %s was taken over by another worker before this one %s (this worker's "
+                "heartbeat was stale): leaving it to that worker", adm.label, what)
 
 
 def sqs_text(text: str) -> str:

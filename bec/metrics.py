@@ -21,7 +21,7 @@ PAGE_ERRORS = Counter("bec_page_errors_total", "Failed pages by stage and error 
                       ["stage", "error_type"])
 PAGES_REDONE = Counter("bec_pages_redone_total", "Pages redone after their holder died or stalled")
 VOLUMES = Counter("bec_volumes_total", "Volumes by outcome",
-                  ["outcome"])  # done, retry, terminal, poison, already_done, not_claimable, released
+                  ["outcome"])  # done, retry, terminal, poison, already_done, not_claimable, released, taken_over
 STAGE_SECONDS = Histogram("bec_stage_seconds", "Per-page time in each stage (write: per volume)",
                           ["stage"], buckets=STAGE_BUCKETS)
 VOLUME_SECONDS = Histogram("bec_volume_seconds", "Claim to done, per volume",
@@ -45,7 +45,7 @@ ACCEL_BUSY = Gauge("bec_accelerator_busy_ratio", "Share of wall time the inferen
 ACCEL_MEMORY = Gauge("bec_accelerator_memory_bytes", "Memory allocated on the accelerator",
                      ["device"], multiprocess_mode="livemax")
 
-S3_READ = Counter("bec_s3_read_bytes_total", "Bytes read from S3 (images and manifests)")
+S3_READ = Counter("bec_s3_read_bytes_total", "Bytes read from S3 (images, manifests, success.json)")
 S3_WRITTEN = Counter("bec_s3_written_bytes_total", "Bytes written to S3 (Parquet, success.json)")
 SQS_RECEIVES = Counter("bec_sqs_receive_calls_total", "ReceiveMessage calls")
 SQS_MESSAGES = Counter("bec_sqs_messages_received_total", "Messages received")
@@ -61,3 +61,19 @@ INFO = Gauge("bec_worker_info", "Constant 1, labelled with what this worker runs
              ["version", "job", "model_sha256", "device"], multiprocess_mode="livemax")
 HEARTBEAT = Gauge("bec_worker_last_heartbeat_timestamp_seconds", "Last successful DB heartbeat",
                   multiprocess_mode="livemax")
+
+
+def start_series() -> None:
+    """Create the labelled series a healthy worker may never touch (restarts, DLQ sends,
+    failures), at 0: a Grafana panel of "restarts" then reads 0, not "No data", and a rate()
+    over a counter's first increment is not lost."""
+    for kind in ("controller", "fetch", "infer", "post"):
+        RESTARTS.labels(kind)
+    for reason in ("poison", "terminal"):
+        SQS_DLQ.labels(reason)
+    for outcome in ("ok", "error"):
+        PAGES.labels(outcome)
+    for outcome in ("done", "retry", "terminal", "poison", "already_done", "not_claimable", "released",
+                    "taken_over"):
+        VOLUMES.labels(outcome)
+

@@ -72,16 +72,21 @@ def claim(db: Database, job_id: int, volume_id: int, version: str, worker_id: in
     return Claim(int(row["id"]), int(row["attempt"])) if row else None
 
 
-def mark_done(db: Database, task_id: int, total_images: int, nb_errors: int,
-              total_duration_ms: float) -> None:
+def mark_done(db: Database, task_id: int, worker_id: int, attempt: int, total_images: int,
+              nb_errors: int, total_duration_ms: float) -> bool:
+    """Record success; False when the claim is no longer this worker's.
+
+    Only the claim's holder (worker and attempt) may settle a task. A worker whose heartbeat
+    went stale while it worked (a partition, a stalled host) may find its volume taken over:
+    the new holder finishes it, and nothing this worker says may end that claim."""
     avg = total_duration_ms / total_images if total_images else 0.0
-    db.execute(
+    return db.execute(
         """
         UPDATE task_executions
            SET status = 'done', done_at = now(), total_images = %s, nb_errors = %s,
                total_duration_ms = %s, avg_duration_per_page_ms = %s, error_reason = NULL
-         WHERE id = %s
-        """, (total_images, nb_errors, total_duration_ms, avg, task_id))
+         WHERE id = %s AND worker_id = %s AND attempt = %s AND status = 'running'
+        """, (total_images, nb_errors, total_duration_ms, avg, task_id, worker_id, attempt)) == 1
 
 
 def record_done_from_marker(db: Database, job_id: int, volume_id: int, version: str,
@@ -105,16 +110,19 @@ def record_done_from_marker(db: Database, job_id: int, volume_id: int, version: 
               duration, duration / images if images else 0.0))
 
 
-def mark_failed(db: Database, task_id: int, terminal: bool, reason: str,
-                nb_errors: int | None = None, total_duration_ms: float | None = None) -> None:
-    db.execute(
+def mark_failed(db: Database, task_id: int, worker_id: int, attempt: int | None, *, terminal: bool,
+                reason: str, nb_errors: int | None = None, total_duration_ms: float | None = None) -> bool:
+    """Record a failure of this worker's claim (``attempt`` None: any claim of this worker,
+    for the supervisor's release of a dead controller's tasks); False when it is not ours."""
+    return db.execute(
         """
         UPDATE task_executions
            SET status = %s, done_at = now(), error_reason = %s,
                nb_errors = coalesce(%s, nb_errors), total_duration_ms = coalesce(%s, total_duration_ms)
-         WHERE id = %s AND status = 'running'
+         WHERE id = %s AND worker_id = %s AND attempt = coalesce(%s::int, attempt)
+           AND status = 'running'
         """, ("terminal_failed" if terminal else "retryable_failed", reason[:2000], nb_errors,
-              total_duration_ms, task_id))
+              total_duration_ms, task_id, worker_id, attempt)) == 1
 
 
 def record_terminal(db: Database, job_id: int, volume_id: int, version: str, worker_id: int,

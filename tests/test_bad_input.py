@@ -300,6 +300,9 @@ def bad_images() -> dict[str, tuple[bytes, str, str]]:
         "bomb.jpg": (jpeg_claiming(50_000, 50_000), "too_large", "50000×50000 = 2,500,000,000 pixels"),
         "bomb.tif": (raw_tiff(50_000, 50_000, b""), "too_large", "50000×50000"),
         "bomb.png": (png_claiming(50_000, 50_000), "too_large", "50000×50000"),
+        # within the pixel limit, but its coordinates would not fit the Parquet's int16
+        "long_strip.jpg": (jpeg_claiming(40_000, 300), "too_large", "does not fit the output's int16"),
+        "long_strip.tif": (raw_tiff(300, 33_000, b""), "too_large", "300×33000: a side over 32,767"),
         "zero_size.jpg": (jpeg_claiming(0, 16), "corrupt_image", "JPEG header unreadable"),
         "text.jpg": (b"%PDF-1.4 not an image", "unsupported_format", "not a recognised image format"),
     }

@@ -229,7 +229,7 @@ def test_every_panel_answers_from_a_real_prometheus(stack, tmp_path):
             wait_until(f"round {n + 1} of the volumes to be processed",
                        lambda: sorted(t["status"] for t in tasks(stack)) == statuses, 60)
             if n == 0:
-                seen = {"count(bec_sqs_dlq_sends_total)": "2", "count(bec_page_errors_total)": "1",
+                seen = {"sum(bec_sqs_dlq_sends_total)": "2", "count(bec_page_errors_total)": "1",
                         'sum(bec_volumes_total{outcome="done"})': "2", 'sum(bec_job_tasks{status="done"})': "2"}
                 wait_until("Prometheus to see round 1", lambda: all(
                     [r["value"][1] for r in query(prom_port, e)] == [v] for e, v in seen.items()), 20)
@@ -251,14 +251,6 @@ def test_every_panel_answers_from_a_real_prometheus(stack, tmp_path):
             raise AssertionError("panels with no data:\n" + "\n".join(f"  {t}: {e}" for t, e in empty)) from None
         for sel, label in variable_queries():
             assert all(label in r["metric"] for r in query(prom_port, sel)), sel
-        # the work is seen happening: rates above zero, quantiles that are numbers
-        for title in ("Pages/s", "Volumes done/s", "Volume failures by outcome", "Page errors by type",
-                      "Inference tiles/s", "S3 bandwidth", "Stage latency p50", "Stage latency p95",
-                      "Inference batch fill", "Inference wait for pages"):
-            first = next(e for t, e in exprs if t == title)
-            values = [float(r["value"][1]) for r in query(prom_port, first)]
-            assert any(v > 0 for v in values), (title, first, values)
-
         # the values behind them are the work done (labels honoured: job = the BEC job); the
         # exporter refreshes every second and Prometheus scrapes every second: let them catch up
         expected = {'bec_job_tasks{job="ldv1",status="done"}': 5.0,
@@ -269,7 +261,7 @@ def test_every_panel_answers_from_a_real_prometheus(stack, tmp_path):
                     'bec_job_queue_messages{job="ldv1",queue="dlq",state="visible"}': 4.0,
                     'sum(bec_job_queue_messages{job="ldv1",queue="tasks"})': 0.0,
                     'sum(bec_volumes_total{outcome="done"})': 5.0,
-                    'sum(bec_pages_total)': 22.0}
+                    'sum(bec_pages_total)': 22.0, 'sum(bec_page_errors_total)': 2.0}
         current: dict[str, list[float]] = {}
 
         def settled() -> bool:
@@ -279,13 +271,24 @@ def test_every_panel_answers_from_a_real_prometheus(stack, tmp_path):
             wait_until("the values of the work done", settled, 20)
         except AssertionError:
             raise AssertionError(f"expected {expected}, Prometheus says {current}") from None
+        # the work is seen happening (all of it scraped, above): rates above zero, quantiles
+        # that are numbers
+        for title in ("Pages/s", "Volumes done/s", "Volume failures by outcome", "Page errors by type",
+                      "Inference tiles/s", "S3 bandwidth", "Stage latency p50", "Stage latency p95",
+                      "Inference batch fill", "Inference wait for pages"):
+            first = next(e for t, e in exprs if t == title)
+            values = [float(r["value"][1]) for r in query(prom_port, first)]
+            assert any(v > 0 for v in values), (title, first, values)
+
         errors = query(prom_port, "bec_page_errors_total")
         assert [(r["metric"]["stage"], r["metric"]["error_type"]) for r in errors] == [("fetch", "missing_object")]
         eta = [r for t, e in exprs if t == "ETA" for r in query(prom_port, e)]
         # queue empty, pages/s above zero: 0 s left (NaN would mean the join or a division failed)
         assert [(r["metric"], r["value"][1]) for r in eta] == [({"job": "ldv1"}, "0")]
         restarts = query(prom_port, "bec_child_restarts_total")
-        assert [(r["metric"]["kind"], r["value"][1]) for r in restarts] == [("fetch", "1")]
+        # every kind's series exists from the start (at 0): the panel reads 0, not "No data"
+        assert sorted((r["metric"]["kind"], r["value"][1]) for r in restarts) == [
+            ("controller", "0"), ("fetch", "1"), ("infer", "0"), ("post", "0")]
 
         # promtool has nothing to say about what the worker and the exporter export
         assert promtool_check_metrics(scrape(worker_port)) == (0, "")

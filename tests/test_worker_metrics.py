@@ -50,7 +50,14 @@ def test_metrics_endpoint_aggregates_children(stack):
         assert value(samples, "bec_stage_seconds_count", stage="write") == 2
         assert value(samples, "bec_inference_tiles_total") >= 8
         assert value(samples, "bec_inference_batches_total") >= 1
-        assert value(samples, "bec_s3_read_bytes_total") > 8 * 1000
+        from workerkit import SOURCE_BUCKET  # images and manifests, to the byte
+        listed = stack.s3.list_objects_v2(Bucket=SOURCE_BUCKET)["Contents"]
+        assert value(samples, "bec_s3_read_bytes_total") == sum(o["Size"] for o in listed)
+        # series a healthy worker never touches exist at 0, so their panels read 0, not "No data"
+        for name, labels in (("bec_child_restarts_total", {"kind": "fetch"}),
+                             ("bec_sqs_dlq_sends_total", {"reason": "poison"}),
+                             ("bec_volumes_total", {"outcome": "taken_over"})):
+            assert (name, tuple(sorted(labels.items()))) in samples and value(samples, name, **labels) == 0
         assert value(samples, "bec_s3_written_bytes_total") > 0
         assert value(samples, "bec_sqs_receive_calls_total") >= 1
         assert value(samples, "bec_sqs_messages_received_total") == 2

@@ -460,6 +460,9 @@ class Controller:
         pages = len(vol.outcomes)
         errors = sum(1 for o in vol.outcomes if o is not None and not o.ok)
         seconds = time.time() - vol.adm.claimed_at
+        if verdict is Verdict.NOT_CLAIMABLE:  # taken over while it ran: lifecycle.let_go said so
+            metrics.VOLUMES.labels("taken_over").inc()
+            return
         metrics.VOLUMES.labels("done" if verdict is Verdict.ADMITTED else "retry").inc()
         if verdict is Verdict.ADMITTED:
             metrics.VOLUME_SECONDS.observe(seconds)

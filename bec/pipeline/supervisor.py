@@ -204,7 +204,7 @@ class Supervisor:
                 log.debug("release of a message failed: %s", exc)
             if task_id:
                 try:
-                    tasks.mark_failed(self.db, task_id, terminal=False, reason=reason)
+                    tasks.mark_failed(self.db, task_id, self.p.worker_id, None, terminal=False, reason=reason)
                 except Unavailable as exc:
                     log.warning("could not mark task %d retryable: %s", task_id, exc)
             self.ledger.pop(receipt, None)
@@ -278,6 +278,7 @@ class Supervisor:
             signal.signal(sig, self.on_signal)
         metrics.INFO.labels(__version__, self.p.job_name, self.p.model_identity.get("sha256", ""),
                             self.p.device).set(1)
+        metrics.start_series()
         if metrics_port:
             self.metrics_server = telemetry.serve(metrics_port, metrics_addr, self.scrape_metrics)
         for child in self.children.values():
