@@ -19,7 +19,12 @@ import pyarrow.parquet as pq
 POINT = pa.struct([("x", pa.int16()), ("y", pa.int16())])
 BOX = pa.struct([("x", pa.int16()), ("y", pa.int16()), ("w", pa.int16()), ("h", pa.int16())])
 
-SCHEMA = pa.schema([
+#: Columns every row has, failed pages included, are declared non-null: readers (Spark,
+#: Athena, pandas) may rely on the schema instead of checking.
+REQUIRED = {"img_file_name", "ok", "rotation_angle", "skew_angle", "nb_contours", "contours", "bboxes",
+            "fetch_ms", "decode_ms", "infer_ms", "post_ms"}
+
+SCHEMA = pa.schema([pa.field(name, kind, nullable=name not in REQUIRED) for name, kind in [
     ("img_file_name", pa.string()),
     ("img_s3_etag", pa.string()),
     ("ok", pa.bool_()),
@@ -39,7 +44,7 @@ SCHEMA = pa.schema([
     ("decode_ms", pa.float32()),
     ("infer_ms", pa.float32()),
     ("post_ms", pa.float32()),
-])
+]])
 
 
 @dataclass

@@ -171,6 +171,8 @@ def admit(svc: Services, message: Received) -> Admission:
             set_visibility(svc, message, recheck_delay_s(svc))
             return adm
         adm.task_id, adm.attempt = claim.task_id, claim.attempt
+        if claim.attempt == 1:  # a first claim: was the manifest missing before?
+            tasks.forget_missing_manifest(svc.db, svc.job_id, adm.volume_id)
         adm.claimed_at = time.time()
         adm.verdict = Verdict.ADMITTED
         return adm

@@ -140,6 +140,15 @@ def record_terminal(db: Database, job_id: int, volume_id: int, version: str, wor
         """, (job_id, volume_id, version, worker_id, reason[:2000]))
 
 
+def forget_missing_manifest(db: Database, job_id: int, volume_id: int) -> int:
+    """The volume has a manifest now (it was just claimed at a real version): an earlier
+    "manifest missing" row (version '') no longer stands for anything, and left alone it
+    would count a finished volume as terminal in every statistic for ever."""
+    return db.execute(
+        "DELETE FROM task_executions WHERE job_id = %s AND volume_id = %s AND s3_etag = '' "
+        "AND status = 'terminal_failed'", (job_id, volume_id))
+
+
 # -- workers ----------------------------------------------------------------------------------
 def register_worker(db: Database, name: str, job_id: int, tags: dict[str, Any]) -> int:
     row = db.row(

@@ -10,7 +10,8 @@ import pytest
 from bec.archive import volume_prefix
 from bec.devstack.volumes import put_manifest
 from bec.ldv1.preprocess import frame_size
-from conftest import SOURCE_BUCKET
+from clihelp import ok
+from conftest import DEST_BUCKET, SOURCE_BUCKET
 from workerkit import (no_shm_leak,  # noqa: F401 - fixture
                        add_volumes, enqueue, manifest, queue_counts, read_parquet, read_success,
                        run_worker, send, setup_job, start_worker, tasks)
@@ -155,6 +156,21 @@ def test_a_bucket_that_does_not_exist_stops_the_worker_before_it_takes_a_volume(
     assert stack.db.row("SELECT count(*) AS n FROM workers")["n"] == 0
 
 
+def test_a_manifest_that_appears_later_leaves_one_done_task(stack):
+    """The "manifest missing" row (version '') stood for a volume without a version; once the
+    volume is processed at its real version, the statistics must not count it terminal too."""
+    q = setup_job(stack)
+    enqueue(stack, q["queue"], [("W22084", "I0000")])
+    run_worker(stack)
+    assert [(r["status"], r["s3_etag"]) for r in tasks(stack)] == [("terminal_failed", "")]
+    [vol] = add_volumes(stack, 1, pages=2)  # W22084/I0000 arrives in the archive
+    enqueue(stack, q["queue"], [vol])
+    run_worker(stack)
+    rows = tasks(stack)
+    assert [r["status"] for r in rows] == ["done"] and rows[0]["s3_etag"] != ""
+    assert "Total Tasks: 1" in ok("jobs", "stats", "ldv1")
+
+
 def test_invalid_manifest_is_terminal(stack):
     q = setup_job(stack)
     put_manifest(stack.s3, SOURCE_BUCKET, "W1", "I1", [], raw=b"\x1f\x8bnot really gzip")
@@ -197,6 +213,14 @@ def test_bad_pages_become_error_rows(stack):
     assert verdicts["../escape.jpg"] == (False, "manifest", "invalid_entry")
     assert all(p["error_message"] for p in pages if not p["ok"])
     assert sum(p["ok"] for p in pages) == 2
+    # what every row has, failed ones included, the file's schema promises (non-null)
+    import pyarrow.parquet as pq
+    from bec import artifacts
+    body = stack.s3.get_object(Bucket=DEST_BUCKET, Key=artifacts.parquet_key("ldv1", w, i, row["s3_etag"]))["Body"]
+    schema = pq.read_schema(io.BytesIO(body.read()))
+    assert {f.name for f in schema if not f.nullable} == {
+        "img_file_name", "ok", "rotation_angle", "skew_angle", "nb_contours", "contours", "bboxes",
+        "fetch_ms", "decode_ms", "infer_ms", "post_ms"}
 
 
 def test_too_many_errors_is_retryable(stack):
