@@ -203,9 +203,15 @@ def read_success_marker(svc: Services, w_id: str, i_id: str, version: str) -> di
         raise RetryableError(f"reading success.json: {exc}") from None
     try:
         marker = json.loads(body)
-        return marker if isinstance(marker, dict) else {}
     except ValueError:
-        return {}
+        marker = None
+    if isinstance(marker, dict):
+        return marker
+    # S3 writes whole objects, so this was not a crash of ours: process the volume again and
+    # write a true marker, rather than record "done" with counts nobody can read.
+    log.warning("s3://%s/%s is unreadable (%d bytes): processing the volume again",
+                svc.dest_bucket, key, len(body))
+    return None
 
 
 # -- finish: steps 5–6 -------------------------------------------------------------------------

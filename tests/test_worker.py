@@ -76,6 +76,26 @@ def test_mixed_formats_decode(stack):
     assert [r["img_file_name"].rsplit(".", 1)[1] for r in rows] == ["jpg", "jpg", "tif"] * 2
 
 
+def test_an_unreadable_success_marker_is_processed_again(stack):
+    """success.json means done, but one that is not a JSON object (written by hand, damaged)
+    tells nothing: the volume is processed again and a true marker written, instead of a
+    done row with 0 images."""
+    from bec import artifacts
+    from bec.archive import read_manifest
+
+    q = setup_job(stack)
+    [(w, i)] = vols = add_volumes(stack, 1, pages=3)
+    version = read_manifest(stack.s3, SOURCE_BUCKET, w, i).version
+    stack.s3.put_object(Bucket=DEST_BUCKET, Key=artifacts.success_key("ldv1", w, i, version), Body=b"{trunc")
+    enqueue(stack, q["queue"], vols)
+    run = run_worker(stack)
+    assert "is unreadable (6 bytes): processing the volume again" in run.output
+    [row] = tasks(stack)
+    assert (row["status"], row["total_images"], row["nb_errors"]) == ("done", 3, 0)
+    assert read_success(stack, w, i, version)["total_images"] == 3
+    assert_volume_done(stack, w, i, 3)
+
+
 def test_duplicate_messages_make_one_task(stack):
     q = setup_job(stack)
     vols = add_volumes(stack, 1, pages=3)
