@@ -245,3 +245,21 @@ def test_a_volume_held_by_a_worker_that_goes_silent_is_taken_over_by_a_running_w
     rows = assert_all_done_once(stack, vols, 3)
     assert rows[0]["attempt"] == 2 and rows[0]["worker_id"] != holder
     assert queue_counts(stack, q["queue"]) == (0, 0)
+
+
+def test_a_signal_while_the_controller_restarts_still_drains(stack):
+    """SIGTERM while the controller is being restarted (its mailbox not bound yet): the drain
+    is told again until it is heard. Before, it was sent once and lost, and the worker went on
+    taking volumes until the hard deadline (grace + 30 s), then cut them off."""
+    q = setup_job(stack)
+    run = start_worker(stack, "--grace", "30", "--shutdown-after-empty", "0")
+    run.wait_for("processes ready", timeout=60)
+    run.wait_children(["controller"])["controller"].kill()
+    run.wait_for("controller (pid", timeout=10)  # died; restarted after a back-off
+    run.signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert run.wait(45) == 0, run.output
+    assert time.monotonic() - started < 25, run.output
+    assert "did not finish within the grace period" not in run.output
+    assert "Worker completed successfully (drained)" in run.output, run.output
+    assert queue_counts(stack, q["queue"]) == (0, 0)

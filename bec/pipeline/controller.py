@@ -42,6 +42,7 @@ log = logging.getLogger("bec.controller")
 RETIRE_S = 10.0          # a recovered slot rests this long before reuse
 SCAN_EVERY_S = 0.5       # how often slot ownership is checked against live processes
 PAGE_TIMEOUT_S = 600.0   # a page in the pipeline longer than this is presumed lost
+DONE_MESSAGE_LOST_S = 10.0  # a slot handed to us this long ago with no message: the message is lost
 RECEIVE_GRACE_S = 2.0    # beyond the long poll's own wait, for a receive in flight at the end
 STOP_RECEIVE_WAIT_S = 5.0  # ... when the supervisor stops the run (it kills the controller at 10 s)
 
@@ -123,6 +124,7 @@ class Controller:
         self.admit_pool = ThreadPoolExecutor(2, thread_name_prefix="admit")
         self.finish_pool = ThreadPoolExecutor(2, thread_name_prefix="finish")
         self._last_scan = 0.0
+        self._done_since: dict[tuple[int, int], float] = {}  # (slot, gen) handed to us → first seen
         self._reset_slots()
 
     # -- slots ---------------------------------------------------------------------------------
@@ -281,14 +283,23 @@ class Controller:
         live = set(int(x) for x in self.pool.pids if x)
         me = os.getpid()
         busy = np.isin(self.table["state"], (S.FETCH, S.INFER, S.POST, S.DONE))
+        done_since: dict[tuple[int, int], float] = {}
         for slot in np.flatnonzero(busy):
             row = self.table[slot]
             owner = int(row["owner"])
             if owner == me and int(row["state"]) == S.DONE:
-                continue  # its message is on its way to us
-            stuck = now - self.dispatched_at[slot] > PAGE_TIMEOUT_S
-            if owner in live and not stuck:
-                continue
+                # Its message is on its way to us, unless its sender died between handing the
+                # slot over and sending: then no message comes, and the volume would wait for ever.
+                key = (int(slot), int(row["gen"]))
+                done_since[key] = self._done_since.get(key, now)
+                if now - done_since[key] < DONE_MESSAGE_LOST_S:
+                    continue
+                why = "its message was lost"
+            else:
+                stuck = now - self.dispatched_at[slot] > PAGE_TIMEOUT_S
+                if owner in live and not stuck:
+                    continue
+                why = "stuck" if stuck else "died"
             vol = self.volumes.get(int(row["volume"]))
             page = int(row["page"])
             self._retire(int(slot))
@@ -296,8 +307,8 @@ class Controller:
                 vol.todo.appendleft(page)
                 self.counters.pages_redone += 1
                 metrics.PAGES_REDONE.inc()
-                log.info("redoing page %d of %s (holder %s)", page, vol.adm.label,
-                         "stuck" if stuck else "died")
+                log.info("redoing page %d of %s (holder %s)", page, vol.adm.label, why)
+        self._done_since = done_since
 
     # -- SQS receive (thread) ------------------------------------------------------------------
     def _want_more(self) -> int:
@@ -309,7 +320,9 @@ class Controller:
             return 0  # the run ends once idle: one more receive could take a message nobody reads
         if self.database_down and not self._database_back():
             return 0  # every message received now would burn one of its receives
-        queued_pages = sum(len(v.todo) for v in self.volumes.values())
+        # list() copies the values in one step under the GIL: the main thread adds and removes
+        # volumes meanwhile, and iterating the live dict here raised and killed this thread
+        queued_pages = sum(len(v.todo) for v in list(self.volumes.values()))
         if queued_pages > 2 * len(self.table):
             return 0  # enough pages are waiting for slots already
         return min(10, self.p.max_volumes_in_flight - in_flight)
@@ -329,9 +342,19 @@ class Controller:
         return True
 
     def receiver(self) -> None:
+        """The SQS receive thread. Nothing may end it but a stop: a receiver that died would
+        leave a worker that heartbeats, looks healthy, and never takes another volume."""
         while not self.pipeline_ready.wait(0.1):
             if self.stopping or self.draining:
                 return
+        while not self.stopping and not self.draining:
+            try:
+                self._receive_loop()
+            except Exception:
+                log.exception("SQS receiver failed unexpectedly; it goes on in 1 s")
+                time.sleep(1.0)
+
+    def _receive_loop(self) -> None:
         pause = 1.0
         while not self.stopping and not self.draining:
             if not self.taken_in.wait(0.1):

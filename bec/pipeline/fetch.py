@@ -48,9 +48,12 @@ class Fetcher:
         self.threshold_here = p.threshold_in_fetch
         self.index = int(ctx.spec.role.rsplit("-", 1)[1])
 
-    def handle(self, msg: Fetch) -> None:
+    def _still_ours(self, msg: Fetch) -> bool:
         row = self.ctx.slots.table[msg.slot]
-        if int(row["gen"]) != msg.gen or int(row["state"]) != S.FETCH:
+        return int(row["gen"]) == msg.gen and int(row["state"]) == S.FETCH
+
+    def handle(self, msg: Fetch) -> None:
+        if not self._still_ours(msg):
             return  # stale: the slot was recovered and reassigned
         try:
             self._process(msg)
@@ -66,6 +69,8 @@ class Fetcher:
         data, etag = self._get(msg.bucket, msg.key)
         t1 = time.perf_counter()
         decoded = imaging.decode(data, self.max_pixels, self.rule)
+        if not self._still_ours(msg):
+            return  # a GET can outlast a slot's rest (a restarted controller retired it): write nothing
         fw, fh = self.rule(decoded.width, decoded.height)
         frame = pool.frame(slot, fh, fw)
         imaging.resize_into(decoded.gray, frame)

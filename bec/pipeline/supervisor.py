@@ -146,6 +146,7 @@ class Supervisor:
         self.children = {role: Child(role) for role in pipeline.roles if role != "supervisor"}
         self.ledger: dict[str, int] = {}  # receipt → task id (0 until claimed), held by the controller
         self.signals = 0
+        self._said: set[bool] = set()  # which signal reactions were logged (a retried one is not)
         self.finished: str | None = None
         self.fatal: str | None = None
         self.exit_code = 0
@@ -195,18 +196,24 @@ class Supervisor:
                 self.spawn(child)
 
     def release_ledger(self, reason: str) -> None:
-        """Messages the (dead) controller held: visible again now; their tasks retryable."""
-        for receipt, task_id in list(self.ledger.items()):
+        """Messages the (dead) controller held: visible again now; their tasks retryable.
+
+        Every task of this worker is released first, not only those in the ledger: a claim
+        made by the admit thread just before the controller died is not in the ledger yet
+        (the controller reports a task id once it has taken the volume in). Its row would stay
+        ``running`` under this live worker, and every other worker would find it "running
+        elsewhere" until the message went to the DLQ. The rows go before the messages, so
+        that whoever receives a message next can claim it."""
+        try:
+            tasks.release_running(self.db, self.p.worker_id, reason)
+        except Unavailable as exc:
+            log.warning("could not mark this worker's tasks retryable: %s", exc)
+        for receipt in list(self.ledger):
             try:
                 self.sqs.change_message_visibility(QueueUrl=self.p.queue_url, ReceiptHandle=receipt,
                                                    VisibilityTimeout=0)
             except Exception as exc:  # the message may be deleted already
                 log.debug("release of a message failed: %s", exc)
-            if task_id:
-                try:
-                    tasks.mark_failed(self.db, task_id, self.p.worker_id, None, terminal=False, reason=reason)
-                except Unavailable as exc:
-                    log.warning("could not mark task %d retryable: %s", task_id, exc)
             self.ledger.pop(receipt, None)
 
     # -- heartbeat -----------------------------------------------------------------------------
@@ -223,14 +230,20 @@ class Supervisor:
         self.signals += 1
 
     def react_to_signals(self, seen: int, grace: float) -> int:
+        """Tell the controller to drain (first signal) or release at once (second); returns the
+        signals handled. One the controller could not be told of (its mailbox is not bound
+        yet: it is starting or restarting) is told again at the next check, not dropped."""
         if self.signals == seen:
             return seen
-        if seen == 0:
-            log.info("Signal received: draining (grace %.0f s); send it again to stop at once", grace)
-            self.mailbox.send("controller", Drain(grace), timeout=1)
-        else:
-            log.info("Second signal: releasing in-flight volumes now")
-            self.mailbox.send("controller", ReleaseNow(), timeout=1)
+        release = self.signals >= 2
+        if release not in self._said:
+            self._said.add(release)
+            if release:
+                log.info("Second signal: releasing in-flight volumes now")
+            else:
+                log.info("Signal received: draining (grace %.0f s); send it again to stop at once", grace)
+        if not self.mailbox.send("controller", ReleaseNow() if release else Drain(grace), timeout=1):
+            return seen
         return self.signals
 
     # -- metrics -------------------------------------------------------------------------------
@@ -291,7 +304,7 @@ class Supervisor:
             while msg is not None:
                 self.handle(msg)
                 msg = self.mailbox.recv(timeout=0)
-            if self.signals and seen == 0:
+            if self.signals and hard_deadline == float("inf"):
                 hard_deadline = time.monotonic() + grace + 30
             seen = self.react_to_signals(seen, grace)
             self.check_children()
@@ -347,7 +360,6 @@ class Supervisor:
         self.release_ledger("released: worker stopped")
         self._stop_heartbeat.set()
         try:
-            tasks.release_running(self.db, self.p.worker_id, "released: worker stopped")
             tasks.mark_worker_stopped(self.db, self.p.worker_id)
         except BecError as exc:
             log.warning("could not mark the worker stopped: %s", exc)
