@@ -94,7 +94,7 @@ def check_bucket(s3: Any, bucket: str, role: str, setting: str) -> bool:
         return True
     except botocore.exceptions.ClientError as exc:
         code = error_code(exc)
-        if code in {"404", "NoSuchBucket", "NotFound"}:
+        if is_not_found(exc) or code == "NoSuchBucket":
             raise BadInput(f"the {role} bucket {bucket!r} does not exist"
                            f"{f' at {endpoint_of(s3)}' if configured_endpoint('s3') else ''}: "
                            f"check {setting}") from None

@@ -285,28 +285,31 @@ def backoff_s(svc: Services, receive_count: int) -> int:
 def retry_later(svc: Services, adm: Admission, reason: str, *, nb_errors: int | None = None,
                 duration_ms: float | None = None, record: bool = True) -> None:
     """Retryable: DB ``retryable_failed`` and the message visible again after a back-off."""
-    if record and adm.task_id:
-        try:
-            if not tasks.mark_failed(svc.db, adm.task_id, svc.worker_id, adm.attempt, terminal=False,
-                                     reason=reason, nb_errors=nb_errors, total_duration_ms=duration_ms):
-                let_go(svc, adm, "failed it")
-                return
-        except Unavailable as exc:
-            log.warning("could not record retryable failure of %s: %s", adm.label, exc)
+    if record and not _record_failure(svc, adm, reason, "failed it", nb_errors=nb_errors,
+                                      total_duration_ms=duration_ms):
+        return
     set_visibility(svc, adm.message, backoff_s(svc, adm.message.receive_count))
 
 
 def release(svc: Services, adm: Admission, reason: str) -> None:
     """Give the volume back now: DB ``retryable_failed``, message visible at once."""
-    if adm.task_id:
-        try:
-            if not tasks.mark_failed(svc.db, adm.task_id, svc.worker_id, adm.attempt, terminal=False,
-                                     reason=reason):
-                let_go(svc, adm, "released it")
-                return
-        except Unavailable as exc:
-            log.warning("could not record release of %s: %s", adm.label, exc)
-    set_visibility(svc, adm.message, 0)
+    if _record_failure(svc, adm, reason, "released it"):
+        set_visibility(svc, adm.message, 0)
+
+
+def _record_failure(svc: Services, adm: Admission, reason: str, what: str, **counts: Any) -> bool:
+    """Mark this worker's claim ``retryable_failed``; False when the claim is no longer ours
+    (the volume was let go: the caller leaves the message alone too)."""
+    if not adm.task_id:
+        return True
+    try:
+        if not tasks.mark_failed(svc.db, adm.task_id, svc.worker_id, adm.attempt, terminal=False,
+                                 reason=reason, **counts):
+            let_go(svc, adm, what)
+            return False
+    except Unavailable as exc:
+        log.warning("could not record the failure of %s (%s): %s", adm.label, what, exc)
+    return True
 
 
 def let_go(svc: Services, adm: Admission, what: str) -> None:

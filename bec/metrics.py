@@ -76,4 +76,3 @@ def start_series() -> None:
     for outcome in ("done", "retry", "terminal", "poison", "already_done", "not_claimable", "released",
                     "taken_over"):
         VOLUMES.labels(outcome)
-

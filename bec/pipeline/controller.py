@@ -378,7 +378,7 @@ class Controller:
                 continue
             received = [Received.from_sqs(m) for m in got]
             for message in received:  # the supervisor releases them if this process dies
-                self.ctx.mailbox.send("supervisor", Track(message.receipt, 0))
+                self.ctx.mailbox.send("supervisor", Track(message.receipt))
             self.unseen += len(got)
             self.taken_in.clear()
             self.events.put(("received", received, time.monotonic()))
@@ -460,7 +460,6 @@ class Controller:
             self.volumes[key] = VolumeRun(key, adm, [None] * n, collections.deque(range(n)),
                                           received_at + self.p.visibility_timeout)
             self.active_labels.add((adm.w_id, adm.i_id))
-            self.ctx.mailbox.send("supervisor", Track(adm.message.receipt, adm.task_id))
             log.info("Processing message: %s for volume %s (%d pages, version %s, attempt %d)",
                      mid, adm.label, n, adm.manifest.version, adm.attempt)
 

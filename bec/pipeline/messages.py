@@ -128,10 +128,9 @@ class ReleaseNow(Message):
 
 @dataclass(frozen=True)
 class Track(Message):
-    """controller → supervisor: a claimed message to release if the controller dies."""
+    """controller → supervisor: a received message to release if the controller dies."""
     kind: ClassVar[str] = "track"
     receipt: str
-    task_id: int
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ class Supervisor:
         self.mailbox = Mailbox(pipeline.namespace, "supervisor")
         self.mailbox.start_reader()
         self.children = {role: Child(role) for role in pipeline.roles if role != "supervisor"}
-        self.ledger: dict[str, int] = {}  # receipt → task id (0 until claimed), held by the controller
+        self.ledger: set[str] = set()  # receipts of the messages the controller holds
         self.signals = 0
         self._said: set[bool] = set()  # which signal reactions were logged (a retried one is not)
         self.finished: str | None = None
@@ -198,12 +198,11 @@ class Supervisor:
     def release_ledger(self, reason: str) -> None:
         """Messages the (dead) controller held: visible again now; their tasks retryable.
 
-        Every task of this worker is released first, not only those in the ledger: a claim
-        made by the admit thread just before the controller died is not in the ledger yet
-        (the controller reports a task id once it has taken the volume in). Its row would stay
-        ``running`` under this live worker, and every other worker would find it "running
-        elsewhere" until the message went to the DLQ. The rows go before the messages, so
-        that whoever receives a message next can claim it."""
+        Every ``running`` task of this worker is released (the dead controller held them
+        all), including a claim its admit thread made just before it died: left ``running``
+        under this live worker, every other worker would find it "running elsewhere" until
+        its message went to the DLQ. The rows go before the messages, so that whoever
+        receives a message next can claim it."""
         try:
             tasks.release_running(self.db, self.p.worker_id, reason)
         except Unavailable as exc:
@@ -214,7 +213,7 @@ class Supervisor:
                                                    VisibilityTimeout=0)
             except Exception as exc:  # the message may be deleted already
                 log.debug("release of a message failed: %s", exc)
-            self.ledger.pop(receipt, None)
+            self.ledger.discard(receipt)
 
     # -- heartbeat -----------------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -319,9 +318,9 @@ class Supervisor:
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, Track):
-            self.ledger[msg.receipt] = msg.task_id
+            self.ledger.add(msg.receipt)
         elif isinstance(msg, Untrack):
-            self.ledger.pop(msg.receipt, None)
+            self.ledger.discard(msg.receipt)
         elif isinstance(msg, Finished):
             self.finished = msg.reason
         elif isinstance(msg, Fatal):
