@@ -1,9 +1,25 @@
 """The task's artifacts on S3 (DESIGN §3): the volume's Parquet, then ``success.json``.
 
 ``{job}/{W}/{I}/{version}/{W}-{I}-{version}.parquet`` has one row per manifest image in
-manifest order, failed images included. Contours and boxes are in original-image pixels
-(int16). Columns are built from flat numpy arrays and offsets — no per-point Python
-objects — so a 500-page volume is written in milliseconds.
+manifest order, failed images included.
+
+The archive's readers (its OCR jobs, its Spark/Athena tables) read these columns by name,
+with these Arrow types; they are a contract and never change meaning:
+
+``img_file_name`` string · ``source_etag`` string · ``rotation_angle`` float32 (null: not
+rotated) · ``tps_points`` list<list<float32>> (``[in_y, in_x, out_y, out_x]`` per control
+point; null: not dewarped) · ``tps_alpha`` float16 (null: not dewarped) · ``contours``
+list<list<struct<x, y: int16>>> · ``nb_contours`` int32 · ``contours_bboxes``
+list<struct<x, y, w, h: int16>> · ``ok`` bool · ``error_stage``, ``error_type``,
+``error_message`` string.
+
+Contours and boxes are on the *corrected page* (the original rotated by ``rotation_angle``,
+then dewarped by the spline: :mod:`bec.ldv1.correction`) at the original image's scale.
+BEC's own columns come after them: ``nb_lines`` and ``line_index`` (one per contour, 0 = the
+top line), sizes, the measured skew and per-stage timings.
+
+Columns are built from flat numpy arrays and offsets (no per-point Python objects), so a
+500-page volume is written in milliseconds.
 """
 from __future__ import annotations
 
@@ -21,25 +37,31 @@ BOX = pa.struct([("x", pa.int16()), ("y", pa.int16()), ("w", pa.int16()), ("h", 
 
 #: Columns every row has, failed pages included, are declared non-null: readers (Spark,
 #: Athena, pandas) may rely on the schema instead of checking.
-REQUIRED = {"img_file_name", "ok", "rotation_angle", "skew_angle", "nb_contours", "contours", "bboxes",
-            "fetch_ms", "decode_ms", "infer_ms", "post_ms"}
+REQUIRED = {"img_file_name", "ok", "nb_contours", "contours", "contours_bboxes", "nb_lines",
+            "line_index", "fetch_ms", "decode_ms", "infer_ms", "post_ms"}
 
 SCHEMA = pa.schema([pa.field(name, kind, nullable=name not in REQUIRED) for name, kind in [
+    # The archive's contract, by name and type.
     ("img_file_name", pa.string()),
-    ("img_s3_etag", pa.string()),
+    ("source_etag", pa.string()),
+    ("rotation_angle", pa.float32()),
+    ("tps_points", pa.list_(pa.list_(pa.float32()))),
+    ("tps_alpha", pa.float16()),
+    ("contours", pa.list_(pa.list_(POINT))),
+    ("nb_contours", pa.int32()),
+    ("contours_bboxes", pa.list_(BOX)),
     ("ok", pa.bool_()),
     ("error_stage", pa.string()),
     ("error_type", pa.string()),
     ("error_message", pa.string()),
+    # BEC's own.
+    ("nb_lines", pa.int32()),
+    ("line_index", pa.list_(pa.int16())),
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("frame_width", pa.int32()),
     ("frame_height", pa.int32()),
-    ("rotation_angle", pa.float32()),
     ("skew_angle", pa.float32()),
-    ("nb_contours", pa.int32()),
-    ("contours", pa.list_(pa.list_(POINT))),
-    ("bboxes", pa.list_(BOX)),
     ("fetch_ms", pa.float32()),
     ("decode_ms", pa.float32()),
     ("infer_ms", pa.float32()),
@@ -49,7 +71,12 @@ SCHEMA = pa.schema([pa.field(name, kind, nullable=name not in REQUIRED) for name
 
 @dataclass
 class PageOutcome:
-    """One manifest image's result, ok or failed."""
+    """One manifest image's result, ok or failed.
+
+    ``rotation_angle``, ``tps_points`` and ``tps_alpha`` are the correction that defines the
+    corrected page (None: not rotated / not dewarped); ``skew_angle`` is the skew the first
+    pass measured (None on a failed page).
+    """
 
     filename: str
     ok: bool
@@ -61,16 +88,34 @@ class PageOutcome:
     height: int | None = None
     frame_width: int | None = None
     frame_height: int | None = None
-    rotation_angle: float = 0.0
-    skew_angle: float = 0.0
+    rotation_angle: float | None = None
+    skew_angle: float | None = None
     contours: list[np.ndarray] = field(default_factory=list)
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
     timings: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    line_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    tps_points: np.ndarray | None = None
+    tps_alpha: float | None = None
+
+    @property
+    def nb_lines(self) -> int:
+        return int(np.max(self.line_index)) + 1 if len(self.line_index) else 0
 
     @classmethod
     def failed(cls, filename: str, stage: str, kind: str, message: str, etag: str | None = None,
                timings: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)) -> "PageOutcome":
         return cls(filename, False, etag, stage, kind, message, timings=timings)
+
+    @classmethod
+    def from_result(cls, filename: str, result: dict[str, Any], *, etag: str | None,
+                    size: tuple[int, int], frame: tuple[int, int],
+                    timings: tuple[float, float, float, float]) -> "PageOutcome":
+        """A finished page from the result post-processing wrote into its slot."""
+        return cls(filename, True, etag, width=size[0], height=size[1], frame_width=frame[0],
+                   frame_height=frame[1], rotation_angle=result["rotation_angle"],
+                   skew_angle=float(result["skew"]), contours=result["contours"],
+                   boxes=result["boxes"], timings=timings, line_index=result["line_index"],
+                   tps_points=result["tps_points"], tps_alpha=result["tps_alpha"])
 
 
 def output_prefix(job_name: str, w_id: str, i_id: str, version: str) -> str:
@@ -93,6 +138,24 @@ def _offsets(lengths: list[int]) -> pa.Array:
     return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
 
 
+def _nullable(values: list[Any], kind: pa.DataType, dtype: type) -> pa.Array:
+    missing = np.array([v is None for v in values], dtype=bool)
+    data = np.array([0 if v is None else v for v in values], dtype=dtype)
+    return pa.array(data, type=kind, mask=missing)
+
+
+def _tps_column(pages: list[PageOutcome]) -> pa.Array:
+    """list<list<float32>>: per row its control points as 4-float lists, null when none."""
+    rows = [np.asarray(p.tps_points, np.float32).reshape(-1, 4) if p.tps_points is not None
+            else np.zeros((0, 4), np.float32) for p in pages]
+    flat = np.concatenate(rows).reshape(-1) if rows else np.zeros(0, np.float32)
+    points = pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, 4, dtype=np.int32)),
+                                      pa.array(flat, type=pa.float32()))
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows], dtype=np.int64)]).astype(np.int32)
+    missing = pa.array([p.tps_points is None for p in pages], type=pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(offsets), points, mask=missing)
+
+
 def build_table(pages: list[PageOutcome]) -> pa.Table:
     all_contours = [c for p in pages for c in p.contours]
     points = np.concatenate(all_contours) if all_contours else np.zeros((0, 2), np.int32)
@@ -102,23 +165,32 @@ def build_table(pages: list[PageOutcome]) -> pa.Table:
     boxes_np = np.concatenate([p.boxes.reshape(-1, 4) for p in pages]) if pages else np.zeros((0, 4))
     box_arr = pa.StructArray.from_arrays([_int16(boxes_np[:, i]) for i in range(4)], fields=list(BOX))
     boxes = pa.ListArray.from_arrays(_offsets([len(p.boxes.reshape(-1, 4)) for p in pages]), box_arr)
+    index_np = (np.concatenate([np.asarray(p.line_index, np.int16).reshape(-1) for p in pages])
+                if pages else np.zeros(0, np.int16))
+    line_index = pa.ListArray.from_arrays(_offsets([len(np.asarray(p.line_index).reshape(-1)) for p in pages]),
+                                          pa.array(index_np.astype(np.int16), type=pa.int16()))
     timings = np.array([p.timings for p in pages], dtype=np.float32).reshape(-1, 4)
     columns: dict[str, Any] = {
         "img_file_name": [p.filename for p in pages],
-        "img_s3_etag": [p.etag for p in pages],
+        "source_etag": [p.etag for p in pages],
+        "rotation_angle": _nullable([p.rotation_angle for p in pages], pa.float32(), np.float32),
+        "tps_points": _tps_column(pages),
+        "tps_alpha": _nullable([p.tps_alpha if p.tps_points is not None else None for p in pages],
+                               pa.float16(), np.float16),
+        "contours": contours,
+        "nb_contours": [len(p.contours) for p in pages],
+        "contours_bboxes": boxes,
         "ok": [p.ok for p in pages],
         "error_stage": [p.error_stage for p in pages],
         "error_type": [p.error_type for p in pages],
         "error_message": [p.error_message for p in pages],
+        "nb_lines": [p.nb_lines for p in pages],
+        "line_index": line_index,
         "width": [p.width for p in pages],
         "height": [p.height for p in pages],
         "frame_width": [p.frame_width for p in pages],
         "frame_height": [p.frame_height for p in pages],
-        "rotation_angle": [p.rotation_angle for p in pages],
         "skew_angle": [p.skew_angle for p in pages],
-        "nb_contours": [len(p.contours) for p in pages],
-        "contours": contours,
-        "bboxes": boxes,
         "fetch_ms": timings[:, 0], "decode_ms": timings[:, 1],
         "infer_ms": timings[:, 2], "post_ms": timings[:, 3],
     }

@@ -1,8 +1,10 @@
 """Pictures of what the worker found: each page with its detected lines drawn over it.
 
 Reads a volume's Parquet from the artifacts bucket and the page images from the
-archive bucket, draws every line contour (and its box) in colour, and writes PNGs plus
-an ``index.html`` per volume — what ``bec demo`` leaves in ``demo-out/``.
+archive bucket, rebuilds each page's *corrected page* as the archive's readers do (rotation,
+then the thin-plate spline: :func:`bec.ldv1.correction.corrected_page`), draws every line
+contour (and its box) over it, one colour per text line, and writes PNGs plus an
+``index.html`` per volume — what ``bec demo`` leaves in ``demo-out/``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from PIL import Image
 
 from bec import artifacts
 from bec.archive import volume_prefix
+from bec.ldv1.correction import corrected_page
 
 MAX_WIDTH = 1400
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -37,23 +40,28 @@ class VolumePictures:
 
 
 def draw_page(image: np.ndarray, contours: list[list[dict[str, int]]],
-              boxes: list[dict[str, int]]) -> np.ndarray:
-    """RGB image with each line's contour (filled translucent) and box drawn over it."""
+              boxes: list[dict[str, int]], line_index: list[int] | None = None) -> np.ndarray:
+    """RGB image with each contour (filled translucent) and box drawn over it, coloured and
+    numbered by its text line (1 = the top line)."""
     canvas = image.copy()
     overlay = image.copy()
     thick = max(2, image.shape[1] // 600)
+    lines = list(line_index) if line_index is not None else list(range(len(contours)))
     for n, contour in enumerate(contours):
         pts = np.array([[p["x"], p["y"]] for p in contour], dtype=np.int32).reshape(-1, 1, 2)
-        colour = COLOURS[n % len(COLOURS)]
+        colour = COLOURS[lines[n] % len(COLOURS)]
         cv2.fillPoly(overlay, [pts], colour)
         cv2.polylines(canvas, [pts], True, colour, thick)
     canvas = cv2.addWeighted(overlay, 0.25, canvas, 0.75, 0)
+    labelled: set[int] = set()
     for n, box in enumerate(boxes):
-        colour = COLOURS[n % len(COLOURS)]
+        colour = COLOURS[lines[n] % len(COLOURS)]
         cv2.rectangle(canvas, (box["x"], box["y"]), (box["x"] + box["w"], box["y"] + box["h"]),
                       colour, max(1, thick // 2))
-        cv2.putText(canvas, str(n + 1), (box["x"] + 4, box["y"] + 4 + 12 * thick), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.5 * thick, colour, thick)
+        if lines[n] not in labelled:
+            labelled.add(lines[n])
+            cv2.putText(canvas, str(lines[n] + 1), (box["x"] + 4, box["y"] + 4 + 12 * thick),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.5 * thick, colour, thick)
     return canvas
 
 
@@ -71,7 +79,8 @@ def render_volume(s3: Any, source_bucket: str, dest_bucket: str, job: str, w_id:
             continue
         data = s3.get_object(Bucket=source_bucket, Key=prefix + page["img_file_name"])["Body"].read()
         image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        drawn = draw_page(image, page["contours"], page["bboxes"])
+        image = corrected_page(image, page["rotation_angle"], page["tps_points"], page["tps_alpha"])
+        drawn = draw_page(image, page["contours"], page["contours_bboxes"], page["line_index"])
         if drawn.shape[1] > MAX_WIDTH:
             scale = MAX_WIDTH / drawn.shape[1]
             drawn = cv2.resize(drawn, (MAX_WIDTH, int(drawn.shape[0] * scale)), interpolation=cv2.INTER_AREA)
@@ -85,6 +94,15 @@ def _stage_ms(page: dict[str, Any]) -> str:
     return " · ".join(f"{k} {page[k + '_ms']:.0f} ms" for k in ("fetch", "decode", "infer", "post"))
 
 
+def _correction(page: dict[str, Any]) -> str:
+    """How the drawn (corrected) page was made from the original."""
+    rotated = ("not rotated" if page["rotation_angle"] is None
+               else f"rotated {page['rotation_angle']:+.1f}°")
+    dewarped = ("not dewarped" if page["tps_points"] is None
+                else f"dewarped ({len(page['tps_points'])} control points)")
+    return f"{rotated}, {dewarped}"
+
+
 def volume_html(v: VolumePictures) -> str:
     rows = []
     for page in v.pages:
@@ -92,8 +110,9 @@ def volume_html(v: VolumePictures) -> str:
         if page["ok"]:
             png = html.escape(Path(page["img_file_name"]).stem + ".png")
             rows.append(f'<figure><a href="{png}"><img src="{png}" loading="lazy"></a><figcaption>'
-                        f"<b>{name}</b> — {page['nb_contours']} lines, skew {page['skew_angle']:.1f}°, "
-                        f"rotated {page['rotation_angle']:.1f}° · {page['width']}×{page['height']} px"
+                        f"<b>{name}</b> — {page['nb_lines']} lines ({page['nb_contours']} contours), "
+                        f"skew {page['skew_angle']:.1f}°, {_correction(page)} · "
+                        f"{page['width']}×{page['height']} px"
                         f"<br><small>{_stage_ms(page)}</small></figcaption></figure>")
         else:
             rows.append(f"<figure class=err><b>{name}</b> failed at {html.escape(page['error_stage'] or '')}: "
@@ -113,7 +132,7 @@ figure{{margin:0 0 2em}} .err{{color:#a00}}</style>
 def index_html(volumes: list[VolumePictures], stats_text: str) -> str:
     items = "".join(
         f'<li><a href="{v.folder.name}/index.html">{v.w_id} / {v.i_id}</a> — {len(v.pages)} pages, '
-        f"{sum(p['nb_contours'] for p in v.pages)} lines, {v.marker.get('nb_errors')} errors</li>"
+        f"{sum(p['nb_lines'] for p in v.pages)} lines, {v.marker.get('nb_errors')} errors</li>"
         for v in volumes)
     return f"""<!doctype html><meta charset=utf-8><title>BEC demo</title>
 <style>body{{font-family:sans-serif;margin:2em}}</style>

@@ -14,7 +14,8 @@ import numpy as np
 from bec import artifacts, imaging
 from bec.archive import volume_prefix  # noqa: F401 - re-exported for the benchmark
 from bec.ldv1.config import Ldv1Config
-from bec.ldv1.postprocess import find_lines, needs_second_pass, rotate_frame
+from bec.ldv1.correction import NONE, Correction, correct_frame
+from bec.ldv1.postprocess import find_lines, plan_correction
 from bec.ldv1.preprocess import adaptive_threshold_into, stitch_into, tile_count, tile_frame
 from bec.pipeline.fetch import frame_for
 
@@ -86,21 +87,27 @@ def _segment_batch(segmenter: Any, batch: list[tuple[Frame, np.ndarray]], tile: 
         at += len(t)
 
 
-def post(mask: np.ndarray, frame: Frame, filename: str = "p.jpg", rotation: float = 0.0):
-    """find_lines, and the outcome row; returns (outcome, needs a second pass)."""
-    lines = find_lines(mask, (frame.orig_w, frame.orig_h), rotation=rotation)
+def post(mask: np.ndarray, frame: Frame, filename: str = "p.jpg", correction: Correction = NONE,
+         skew: float | None = None) -> tuple[artifacts.PageOutcome, Correction]:
+    """find_lines (and on a first pass the correction plan), and the outcome row; returns
+    (outcome, the correction a second pass needs: identity when none)."""
+    size = (frame.orig_w, frame.orig_h)
+    lines = find_lines(mask, size, correction)
+    plan = plan_correction(mask, lines) if correction.identity else NONE
     h, w = mask.shape
     outcome = artifacts.PageOutcome(filename, True, "etag", width=frame.orig_w, height=frame.orig_h,
-                                    frame_width=w, frame_height=h, rotation_angle=rotation,
-                                    skew_angle=rotation or lines.angle, contours=lines.contours,
-                                    boxes=lines.boxes)
-    again = not rotation and needs_second_pass(lines.angle)
-    return outcome, (lines.angle if again else 0.0)
+                                    frame_width=w, frame_height=h,
+                                    rotation_angle=correction.rotation_angle,
+                                    skew_angle=lines.angle if skew is None else skew,
+                                    contours=lines.contours, boxes=lines.boxes,
+                                    line_index=lines.line_index, tps_points=correction.tps_points,
+                                    tps_alpha=correction.tps_alpha)
+    return outcome, plan
 
 
-def rotated(frame: Frame, angle: float) -> Frame:
-    """The frame turned upright for the second pass (as the post process does)."""
-    gray = rotate_frame(frame.gray, angle)
+def corrected(frame: Frame, plan: Correction) -> Frame:
+    """The frame corrected for the second pass (as the post process does)."""
+    gray = correct_frame(frame.gray, plan, (frame.orig_w, frame.orig_h))
     binary = np.empty_like(gray)
     adaptive_threshold_into(gray, binary)
     return Frame(gray, binary, frame.orig_w, frame.orig_h)
@@ -111,12 +118,12 @@ def process_pages(segmenter: Any, frames: list[Frame], cfg: dict[str, Any]) -> l
     tile, max_tiles = int(cfg["tile_size"]), int(cfg["max_tiles_per_batch"])
     masks = segment_frames(segmenter, frames, tile, max_tiles)
     results = [post(m, f) for m, f in zip(masks, frames)]
-    redo = [(i, rotated(frames[i], angle), angle) for i, (_, angle) in enumerate(results) if angle]
+    redo = [(i, corrected(frames[i], plan), plan) for i, (_, plan) in enumerate(results) if not plan.identity]
     outcomes = [o for o, _ in results]
     if redo:
         masks2 = segment_frames(segmenter, [f for _, f, _ in redo], tile, max_tiles)
-        for (i, f, angle), m in zip(redo, masks2):
-            outcomes[i] = post(m, f, rotation=angle)[0]
+        for (i, f, plan), m in zip(redo, masks2):
+            outcomes[i] = post(m, f, correction=plan, skew=outcomes[i].skew_angle)[0]
     return outcomes
 
 

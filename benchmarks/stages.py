@@ -193,7 +193,8 @@ def _infer_post_part(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any],
         p0 = time.perf_counter()
         results.append(W.post(m, f))
         post_ms.append((time.perf_counter() - p0) * 1000)
-    redo = [(i, W.rotated(frames[i], angle), angle) for i, (_, angle) in enumerate(results) if angle]
+    redo = [(i, W.corrected(frames[i], plan), plan) for i, (_, plan) in enumerate(results)
+            if not plan.identity]
     post_s, post_cpu = time.perf_counter() - t, time.process_time() - c
     outcomes = [o for o, _ in results]
     sync()  # every replica's second passes, side by side
@@ -204,8 +205,8 @@ def _infer_post_part(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any],
     infer_cpu += time.process_time() - c
     tiles += sum(W.tiles_of(f, tile) for _, f, _ in redo)
     t, c = time.perf_counter(), time.process_time()
-    for (i, f, angle), m in zip(redo, masks2):
-        outcomes[i] = W.post(m, f, rotation=angle)[0]
+    for (i, f, plan), m in zip(redo, masks2):
+        outcomes[i] = W.post(m, f, correction=plan, skew=outcomes[i].skew_angle)[0]
     post_s, post_cpu = post_s + time.perf_counter() - t, post_cpu + time.process_time() - c
     return InferPostPart(spans, infer_cpu, tiles, post_s, post_cpu, post_ms, len(redo), outcomes)
 
@@ -222,7 +223,7 @@ def _merge(parts: list[InferPostPart], layout: tuple[int, int]) -> tuple[StageRe
                                "second_pass_pages": sum(p.redo for p in parts), "procs": procs,
                                "threads": threads},
                         cpu_s=sum(p.infer_cpu for p in parts))
-    postr = StageResult("post (contours, skew, second-pass rotation)", n, sum(p.post_s for p in parts),
+    postr = StageResult("post (contours, skew, bend, line groups, second-pass correction)", n, sum(p.post_s for p in parts),
                         [ms for p in parts for ms in p.post_ms], cpu_s=sum(p.post_cpu for p in parts))
     outcomes: list = [None] * n
     for k, p in enumerate(parts):  # replica k had pages k, k + procs, k + 2·procs…

@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from bec.ldv1.correction import Correction, correct_frame, corrected_page, frame_to_original_affine, map_points
 from bec.ldv1.postprocess import (
     PageLines,
     estimate_skew,
     find_lines,
     frame_to_original,
-    needs_second_pass,
-    rotate_frame,
-    rotate_points,
-    unrotate_points,
+    plan_correction,
 )
 from bec.ldv1.preprocess import (
     adaptive_threshold,
@@ -275,43 +273,71 @@ def test_empty_mask():
     assert lines.count == 0 and lines.boxes.shape == (0, 4) and lines.angle == 0.0
 
 
-def test_needs_second_pass():
-    assert needs_second_pass(3.0) and needs_second_pass(-3.0) and needs_second_pass(4.5)
-    assert not needs_second_pass(2.99) and not needs_second_pass(0.0)
+def test_plan_correction_rotates_from_three_degrees_only():
+    for angle, rotated in ((4.0, True), (-4.0, True), (3.2, True), (2.0, False), (0.0, False)):
+        mask, _ = lines_mask(n=5, angle=angle, specks=False)
+        first = find_lines(mask, (4096, 1024))
+        plan = plan_correction(mask, first)
+        assert not plan.dewarped  # straight bands are not bent, whatever their skew
+        if rotated:  # the correction turns the page back: the opposite of its skew
+            assert plan.rotation_angle == pytest.approx(-first.angle) and plan.rotation_angle * angle < 0
+        else:
+            assert plan.identity
 
 
-# --------------------------------------------------------------------------- rotation
+def _centroid_of(image: np.ndarray) -> np.ndarray:
+    ys, xs = np.mgrid[0:image.shape[0], 0:image.shape[1]]
+    total = image.sum()
+    return np.array([(image * xs).sum() / total, (image * ys).sum() / total])
 
 
-def test_rotation_point_round_trip():
-    rng = np.random.default_rng(2)
-    pts = rng.uniform(0, 2000, (50, 2))
-    for angle in (4.0, -3.2, 0.7):
-        there = rotate_points(pts, (2048, 512), angle)
-        np.testing.assert_allclose(unrotate_points(there, (2048, 512), angle), pts, atol=1e-9)
-    # Identity mapping when the frame is the original.
-    np.testing.assert_allclose(frame_to_original(pts, (2048, 512), (2048, 512)), pts, atol=1e-12)
+@pytest.mark.parametrize("correction", [
+    Correction(3.5),
+    Correction(None, np.array([[300, 500, 320, 500], [330, 1500, 320, 1500], [300, 2500, 320, 2500],
+                               [600, 1500, 620, 1500]], np.float32), 0.5),
+    Correction(-4.2, np.array([[300, 500, 320, 500], [330, 1500, 320, 1500], [300, 2500, 320, 2500],
+                               [600, 1500, 620, 1500]], np.float32), 0.5),
+], ids=["rotated", "dewarped", "both"])
+def test_a_corrected_frame_is_the_readers_corrected_page_scaled(correction):
+    """The worker corrects frames, readers correct originals: a blob lands at the same place
+    (to a tenth of a pixel) either way."""
+    w, h, fw, fh = 3000, 900, 1707, 512
+    corners = np.array([[0, 0, 0, 0], [0, w - 1, 0, w - 1], [h - 1, 0, h - 1, 0], [h - 1, w - 1, h - 1, w - 1]],
+                       np.float32)
+    if correction.dewarped:
+        correction = Correction(correction.rotation_angle, np.vstack([correction.tps_points, corners]), 0.5)
+    ys, xs = np.mgrid[0:h, 0:w]
+    for cx, cy in ((700, 300), (2200, 650)):
+        original = np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * 15.0 ** 2)).astype(np.float32)
+        reader = corrected_page(original, correction.rotation_angle, correction.tps_points, correction.tps_alpha)
+        frame = cv2.resize(original, (fw, fh), interpolation=cv2.INTER_AREA)
+        ours = correct_frame(frame, correction, (w, h), fill=0)
+        at = map_points(_centroid_of(ours)[None], frame_to_original_affine((fw, fh), (w, h)))[0]
+        np.testing.assert_allclose(at, _centroid_of(reader), atol=0.1)
 
 
-def test_rotate_frame_straightens_lines_drawn_at_positive_angle():
+def test_a_skewed_page_is_rotated_and_its_contours_lie_on_the_corrected_page():
     w, h = 2048, 512
     mask, _ = lines_mask(w, h, n=5, angle=4.0, specks=False)
     first = find_lines(mask, (w * 2, h * 2))
-    assert first.angle == pytest.approx(4.0, abs=0.5) and needs_second_pass(first.angle)
+    assert first.angle == pytest.approx(4.0, abs=0.5)
+    plan = plan_correction(mask, first)
+    assert plan.rotation_angle == pytest.approx(-first.angle)
 
     gray = np.where(mask > 0, 0, 255).astype(np.uint8)  # dark lines on white paper
-    straight = rotate_frame(gray, first.angle)
+    straight = correct_frame(gray, plan, (w * 2, h * 2))
     assert straight.shape == gray.shape and straight[0, 0] == 255  # white corners
-    second = find_lines(straight < 128, (w * 2, h * 2), rotation=first.angle)
-    assert second.count == 5
+    second = find_lines(straight < 128, (w * 2, h * 2), plan)
+    assert second.count == 5 and second.nb_lines == 5
     assert abs(second.angle) < 0.3  # horizontal after rotation
-    assert second.rotation == first.angle
-    # Mapped back through the rotation, the lines land where the first pass saw them.
-    assert np.abs(second.boxes - first.boxes).max() <= 8  # a few frame px × scale 2
-    # Every second-pass contour point lies on the first-pass line, within 3 px.
-    near = cv2.dilate(cv2.resize(mask, (w * 2, h * 2), interpolation=cv2.INTER_NEAREST), np.ones((7, 7), np.uint8))
-    for contour in second.contours:
+    assert second.correction == plan
+    # The reader rebuilds the corrected page from the original: every contour point is ink.
+    original = cv2.resize(gray, (w * 2, h * 2), interpolation=cv2.INTER_NEAREST)
+    page = corrected_page(original, plan.rotation_angle, None, None)
+    near = cv2.erode(page, np.ones((7, 7), np.uint8)) < 128
+    for contour, box in zip(second.contours, second.boxes):
         assert near[contour[:, 1], contour[:, 0]].all()
+        assert box[3] <= 2.5 * 24 * 2  # straight: the box is about the band (24 frame px × 2)
 
 
 def test_estimate_skew_on_contours():
@@ -356,7 +382,7 @@ def test_report_per_page_costs(capsys):
         "stitch_torch (float32)": _best_of(lambda: stitch_torch(t_probs, rows, cols, h, w)),
         "mask > 0.85": _best_of(lambda: stitch(probs, rows, cols, h, w) > 0.85),
         "find_lines (12 lines)": _best_of(lambda: find_lines(mask, (2 * w, 2 * h))),
-        "rotate_frame": _best_of(lambda: rotate_frame(page, 4.0)),
+        "correct_frame (rotate)": _best_of(lambda: correct_frame(page, Correction(4.0), (2 * w, 2 * h))),
     }
     with capsys.disabled():
         print(f"\nper-page costs, {w}×{h} frame, {rows * cols} tiles (best of 3, ms):")

@@ -53,7 +53,7 @@ def test_volumes_end_to_end(stack):
         prefix = volume_prefix(w, i)
         for page, entry in zip(pages, manifest(stack, w, i)):
             head = stack.s3.head_object(Bucket=SOURCE_BUCKET, Key=prefix + entry["filename"])
-            assert page["ok"] and page["img_s3_etag"] == head["ETag"].strip('"')
+            assert page["ok"] and page["source_etag"] == head["ETag"].strip('"')
             assert (page["width"], page["height"]) == (entry["width"], entry["height"])
             assert (page["frame_width"], page["frame_height"]) == frame_size(entry["width"], entry["height"])
         marker = read_success(stack, w, i, version)
@@ -239,8 +239,11 @@ def test_bad_pages_become_error_rows(stack):
     body = stack.s3.get_object(Bucket=DEST_BUCKET, Key=artifacts.parquet_key("ldv1", w, i, row["s3_etag"]))["Body"]
     schema = pq.read_schema(io.BytesIO(body.read()))
     assert {f.name for f in schema if not f.nullable} == {
-        "img_file_name", "ok", "rotation_angle", "skew_angle", "nb_contours", "contours", "bboxes",
+        "img_file_name", "ok", "nb_contours", "contours", "contours_bboxes", "nb_lines", "line_index",
         "fetch_ms", "decode_ms", "infer_ms", "post_ms"}
+    failed = [p for p in pages if not p["ok"]]
+    assert all(p["rotation_angle"] is None and p["tps_points"] is None and p["skew_angle"] is None
+               for p in failed)
 
 
 def test_too_many_errors_is_retryable(stack):

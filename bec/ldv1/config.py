@@ -34,6 +34,8 @@ class Ldv1Config:
     wide_page_ratio: float = 2.5     # width > ratio × height: a pecha, scaled to one tile row
     line_threshold: float = 0.85     # sigmoid probability for the line mask
     second_pass_angle: float = 3.0   # |skew| from which the rotated page is run again
+    dewarp: bool = True              # bent pages are straightened (thin-plate spline) and run again
+    tps_alpha: float = 0.5           # the spline's smoothing, written to each row's tps_alpha
     max_error_ratio: float = 0.1     # share of failed pages above which a volume is retried
     max_image_pixels: int = 120_000_000  # larger images are refused (decompression bombs)
     channels_last: bool = True
@@ -72,6 +74,8 @@ class Ldv1Config:
                 raise ConfigError(f"ldv1 config key {key!r} must be between 0 and 1")
         if not 0 <= self.batches_in_flight <= 2:
             raise ConfigError("ldv1 config key 'batches_in_flight' must be 0 (auto), 1 or 2")
+        if self.tps_alpha < 0:
+            raise ConfigError("ldv1 config key 'tps_alpha' must not be negative")
         if self.wide_page_ratio <= 0:
             raise ConfigError("ldv1 config key 'wide_page_ratio' must be positive")
 

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bec.ldv1.postprocess import PageLines, find_lines, needs_second_pass, rotate_frame
+from bec.ldv1.correction import correct_frame
+from bec.ldv1.postprocess import PageLines, find_lines, plan_correction
 from bec.ldv1.preprocess import TILE, adaptive_threshold, frame_size, stitch, tile_frame
 from bec.ldv1.synth import EVAL_SEED_START, encode_jpeg, page_for_seed
 
@@ -64,13 +65,16 @@ def predict_mask(model: nn.Module, frame: np.ndarray, batch: int = 8,
 
 
 def detect_lines(model: nn.Module, gray: np.ndarray, second_pass: bool = True) -> PageLines:
-    """Lines of a grayscale page in original pixels, with the pipeline's skew re-run."""
+    """Lines of a grayscale page on its corrected page, as the pipeline finds them: a
+    skewed or bent page is corrected and run again."""
     frame = to_frame(gray)
     size = (gray.shape[1], gray.shape[0])
-    lines = find_lines(predict_mask(model, frame), size)
-    if second_pass and needs_second_pass(lines.angle):
-        rotated = rotate_frame(frame, lines.angle)
-        lines = find_lines(predict_mask(model, rotated), size, rotation=lines.angle)
+    mask = predict_mask(model, frame)
+    lines = find_lines(mask, size)
+    if second_pass:
+        plan = plan_correction(mask, lines)
+        if not plan.identity:
+            lines = find_lines(predict_mask(model, correct_frame(frame, plan, size)), size, plan)
     return lines
 
 

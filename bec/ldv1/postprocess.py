@@ -1,9 +1,20 @@
-"""ldv1 output side: line mask → ordered line contours and boxes in original pixels.
+"""ldv1 output side: line mask → the page's correction, then ordered lines on the corrected page.
 
-The model gives a per-pixel line probability on the analysed *frame* (the page scaled
-by :func:`bec.ldv1.preprocess.frame_size`, and – on a second pass – rotated by the skew
-the first pass measured). Users want lines in the pixels of the image they own, so
-every coordinate leaves this module mapped back through that rotation and scaling.
+The model gives a per-pixel line probability on the analysed *frame* (the page scaled by
+:func:`bec.ldv1.preprocess.frame_size`). A page takes one or two passes:
+
+1. The first pass's mask gives the page's skew and, on the page straightened by it, how bent
+   its lines are (:mod:`bec.ldv1.dewarp`). :func:`plan_correction` decides: a page skewed by
+   ``SECOND_PASS_SKEW`` or more is rotated, a bent page is rotated by its skew (if any) and
+   dewarped by a thin-plate spline, anything else is final as it is.
+2. A corrected page goes through the model again on the corrected frame
+   (:func:`bec.ldv1.correction.correct_frame`); its contours come from that pass.
+
+Coordinates leave this module on the **corrected page** at the original image's scale: the
+page that the archive's readers rebuild from the original and the row's ``rotation_angle``,
+``tps_points`` and ``tps_alpha`` (:mod:`bec.ldv1.correction`). A page that was not
+corrected *is* its original. Contours are then grouped into text lines
+(:mod:`bec.ldv1.linegroups`): ``line_index`` per contour, ordered top to bottom.
 
 Conventions (one place, tested both ways):
 
@@ -12,8 +23,9 @@ Conventions (one place, tested both ways):
   the block of original pixels it was resampled from (cv2.resize uses the same
   half-pixel alignment).
 * Skew angles are in degrees, **positive when the text lines rise to the right**
-  (counter-clockwise on screen) – the sign cv2.getRotationMatrix2D uses. A page
-  measured at ``+a`` is straightened by rotating it by ``-a`` (:func:`rotate_frame`).
+  (counter-clockwise on screen). A page measured at ``+a`` is straightened by the contract's
+  rotation ``rotation_angle = -a`` (``cv2.getRotationMatrix2D`` turns content
+  counter-clockwise for positive angles).
 
 Speck rules (module constants, overridable per call): a contour is kept only if its
 bounding-box width is at least 2 % of the frame width (≥ 4 px) and its polygon area at
@@ -28,6 +40,11 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+
+from bec.ldv1 import dewarp
+from bec.ldv1.correction import (DEFAULT_TPS_ALPHA, NONE, Correction, frame_rotation,
+                                 frame_to_original_affine, map_points)
+from bec.ldv1.linegroups import group_lines
 
 MIN_WIDTH_FRAC = 0.02
 MIN_WIDTH_PX = 4
@@ -54,84 +71,40 @@ SIMPLIFY_EPSILON = 1.0
 
 @dataclass
 class PageLines:
-    """The lines of one page, top to bottom.
+    """The lines of one page, in line order (top to bottom, each line left to right).
 
-    ``contours`` and ``boxes`` are in original-image pixels; ``frame_contours`` are the
-    same (simplified) contours in the analysed frame's pixels (the rotated frame on a
-    second pass), for consumers that store frame coordinates.
+    ``contours`` and ``boxes`` are on the corrected page at the original image's scale
+    (the original itself when ``correction`` is the identity); ``frame_contours`` are the
+    same (simplified) contours in the analysed frame's pixels.
     """
 
-    contours: list[np.ndarray]  # each K×2 int32 (x, y), original pixels
-    boxes: np.ndarray  # L×4 int32 (x, y, w, h), original pixels
+    contours: list[np.ndarray]  # each K×2 int32 (x, y)
+    boxes: np.ndarray  # L×4 int32 (x, y, w, h)
     angle: float  # skew measured on this mask, degrees (0 when below MIN_SKEW)
-    rotation: float = 0.0  # rotation already applied to the frame before inference
+    correction: Correction = NONE  # applied to the frame before this mask's pass
     frame_size: tuple[int, int] = (0, 0)  # (w, h) of the analysed frame
     original_size: tuple[int, int] = (0, 0)  # (w, h) of the original image
     frame_contours: list[np.ndarray] = field(default_factory=list)  # K×2 int32, frame px
+    line_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
 
     @property
     def count(self) -> int:
         return len(self.contours)
 
+    @property
+    def nb_lines(self) -> int:
+        return int(self.line_index.max()) + 1 if len(self.line_index) else 0
+
 
 # --------------------------------------------------------------------------- geometry
 
 
-def rotation_matrix(frame_size: tuple[int, int], angle: float) -> np.ndarray:
-    """2×3 affine that :func:`rotate_frame` applies: frame pixel → rotated-frame pixel.
-
-    The centre is ``((w−1)/2, (h−1)/2)`` in pixel indices, i.e. the exact middle of
-    the image, so a round trip does not drift by half a pixel.
-    """
-    w, h = frame_size
-    return cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), -float(angle), 1.0)
-
-
-def rotate_frame(gray: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate a grayscale frame by ``-angle`` about its centre so skewed text becomes
-    horizontal; same size, uncovered corners white (paper, not ink)."""
-    if angle == 0:
-        return gray
-    h, w = gray.shape[:2]
-    return cv2.warpAffine(
-        gray,
-        rotation_matrix((w, h), angle),
-        (w, h),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=255,
-    )
-
-
-def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    return pts @ matrix[:, :2].T + matrix[:, 2]
-
-
-def rotate_points(points: np.ndarray, frame_size: tuple[int, int], angle: float) -> np.ndarray:
-    """Where frame pixels land in the frame rotated by :func:`rotate_frame` (K×2 float)."""
-    return _apply_affine(rotation_matrix(frame_size, angle), points)
-
-
-def unrotate_points(points: np.ndarray, frame_size: tuple[int, int], angle: float) -> np.ndarray:
-    """Inverse of :func:`rotate_points`: rotated-frame pixels → unrotated frame pixels."""
-    inverse = cv2.invertAffineTransform(rotation_matrix(frame_size, angle))
-    return _apply_affine(inverse, points)
-
-
-def frame_to_original(
-    points: np.ndarray,
-    frame_size: tuple[int, int],
-    original_size: tuple[int, int],
-    rotation: float = 0.0,
-) -> np.ndarray:
-    """Map pixel positions of the analysed frame (rotated by ``rotation`` if non-zero)
-    to original-image pixel positions (K×2 float, pixel-centre convention)."""
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    if rotation:
-        pts = unrotate_points(pts, frame_size, rotation)
-    scale = np.array(original_size, dtype=np.float64) / np.array(frame_size, dtype=np.float64)
-    return (pts + 0.5) * scale - 0.5
+def frame_to_original(points: np.ndarray, frame_size: tuple[int, int],
+                      original_size: tuple[int, int]) -> np.ndarray:
+    """Map frame pixel positions to original-scale pixel positions (K×2 float,
+    pixel-centre convention). The frame may be corrected: the corrected page has the
+    original's size, so the same scaling holds."""
+    return map_points(points, frame_to_original_affine(frame_size, original_size))
 
 
 # --------------------------------------------------------------------------- skew
@@ -187,12 +160,6 @@ def estimate_skew(contours: list[np.ndarray]) -> float:
     return skew_from_rects([cv2.minAreaRect(_as_cv_contour(c)) for c in contours])
 
 
-def needs_second_pass(angle: float) -> bool:
-    """A page skewed by ``SECOND_PASS_SKEW`` or more is rotated and inferred again:
-    the model was trained on straight lines and merges or breaks tilted ones."""
-    return abs(angle) >= SECOND_PASS_SKEW
-
-
 # --------------------------------------------------------------------------- lines
 
 
@@ -221,42 +188,49 @@ def _as_uint8(mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mask)
 
 
+def _kept_contours(mask: np.ndarray, min_width_frac: float, min_area_frac: float) -> list[np.ndarray]:
+    """External contours of the mask, specks dropped (the cheap box test first)."""
+    fh, fw = mask.shape
+    found, _ = cv2.findContours(_as_uint8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    min_width = max(MIN_WIDTH_PX, min_width_frac * fw)
+    min_area = max(MIN_AREA_PX, min_area_frac * fw * fh)
+    kept = [c for c in found if cv2.boundingRect(c)[2] >= min_width]
+    return [c for c in kept if cv2.contourArea(c) >= min_area]
+
+
+def _straightened_boxes(contours: list[np.ndarray], angle: float) -> np.ndarray:
+    """(x0, y0, x1, y1) of each contour on the page's own axes: y measured along the normal
+    of the skew (y + x·tan θ), so a slightly skewed page groups and orders like a straight one."""
+    slope = math.tan(math.radians(angle))
+    boxes = np.zeros((len(contours), 4))
+    for i, c in enumerate(contours):
+        pts = c.reshape(-1, 2).astype(np.float64)
+        y = pts[:, 1] + pts[:, 0] * slope
+        boxes[i] = (pts[:, 0].min(), y.min(), pts[:, 0].max() + 1.0, y.max() + 1.0)
+    return boxes
+
+
 def find_lines(
     mask: np.ndarray,
     original_size: tuple[int, int],
-    rotation: float = 0.0,
+    correction: Correction = NONE,
     *,
     min_width_frac: float = MIN_WIDTH_FRAC,
     min_area_frac: float = MIN_AREA_FRAC,
     simplify_epsilon: float | None = SIMPLIFY_EPSILON,
 ) -> PageLines:
-    """Turn a frame's line mask into ordered lines in original-image pixels.
+    """Turn a frame's line mask into ordered, grouped lines on the corrected page.
 
     ``mask`` is the H×W (bool/uint8, non-zero = line) mask of the analysed frame; that
-    frame is the original of ``original_size`` (w, h) scaled to the mask's size and,
-    when ``rotation`` is non-zero, rotated by :func:`rotate_frame` with that angle.
+    frame is the original of ``original_size`` (w, h) scaled to the mask's size and, when
+    ``correction`` is not the identity, corrected like the page (:func:`correct_frame`).
     """
     fh, fw = mask.shape
     frame = (fw, fh)
-    found, _ = cv2.findContours(_as_uint8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-
-    # Specks: the cheap bounding-box test first, the area only for the survivors.
-    min_width = max(MIN_WIDTH_PX, min_width_frac * fw)
-    min_area = max(MIN_AREA_PX, min_area_frac * fw * fh)
-    kept = [c for c in found if cv2.boundingRect(c)[2] >= min_width]
-    kept = [c for c in kept if cv2.contourArea(c) >= min_area]
-
-    rects = [cv2.minAreaRect(c) for c in kept]
-    angle = skew_from_rects(rects)
-
-    # Top to bottom along the page's own vertical: on a skewed page a short line at
-    # one end can sit higher in the image than the line above it, so sort by the
-    # centre projected onto the normal of the measured skew (y + x·tan θ).
-    if rects:
-        centres = np.array([r[0] for r in rects], dtype=np.float64)
-        key = centres[:, 1] + centres[:, 0] * math.tan(math.radians(angle))
-        order = np.argsort(key, kind="stable")
-        kept = [kept[i] for i in order]
+    kept = _kept_contours(mask, min_width_frac, min_area_frac)
+    angle = skew_from_rects([cv2.minAreaRect(c) for c in kept])
+    order, line_index = group_lines(_straightened_boxes(kept, angle))
+    kept = [kept[i] for i in order]
 
     orig_w, orig_h = original_size
     scale = np.array(original_size, dtype=np.float64) / np.array(frame, dtype=np.float64)
@@ -267,10 +241,8 @@ def find_lines(
     for i, c in enumerate(kept):  # loop over lines (tens per page), not pixels
         # Box from the full contour (simplification may shave an extreme point): each
         # frame pixel p covers [p, p+1) in continuous frame coordinates, i.e.
-        # [p·s, (p+1)·s) in the original, so the box edges are exact when unrotated.
+        # [p·s, (p+1)·s) at the original's scale, so the box edges are exact.
         full = c.reshape(-1, 2).astype(np.float64)
-        if rotation:
-            full = unrotate_points(full, frame, rotation)
         lo = np.floor(np.round(full.min(axis=0) * scale, 6))
         hi = np.ceil(np.round((full.max(axis=0) + 1.0) * scale, 6))
         lo = np.clip(lo, 0, original_size)
@@ -280,7 +252,7 @@ def find_lines(
         simple = cv2.approxPolyDP(c, simplify_epsilon, True) if simplify_epsilon else c
         simple = simple.reshape(-1, 2)
         frame_contours.append(simple.astype(np.int32))
-        mapped = frame_to_original(simple, frame, original_size, rotation)
+        mapped = frame_to_original(simple, frame, original_size)
         mapped = np.clip(np.floor(mapped + 0.5), 0, upper).astype(np.int32)
         contours.append(_drop_repeats(mapped))
 
@@ -288,8 +260,62 @@ def find_lines(
         contours=contours,
         boxes=boxes,
         angle=angle,
-        rotation=float(rotation),
+        correction=correction,
         frame_size=frame,
         original_size=(int(orig_w), int(orig_h)),
         frame_contours=frame_contours,
+        line_index=line_index,
     )
+
+
+# --------------------------------------------------------------------------- correction
+
+
+def plan_correction(
+    mask: np.ndarray,
+    first: PageLines,
+    *,
+    second_pass_angle: float = SECOND_PASS_SKEW,
+    dewarp_pages: bool = True,
+    tps_alpha: float = DEFAULT_TPS_ALPHA,
+) -> Correction:
+    """What the first pass says to do with a page before its final pass.
+
+    ``mask`` and ``first`` are the first pass's mask and lines. A bent page is rotated by
+    its skew (when there is one: the pass is paid for anyway) and dewarped; a page skewed by
+    ``second_pass_angle`` or more is rotated; anything else is final as it is (identity).
+    Bend is measured on the page straightened by its skew: a skewed straight line would
+    otherwise read as a bent one.
+    """
+    rotation = -first.angle if first.angle else None
+    if dewarp_pages and first.count:
+        points = _bend_points(mask, first, rotation)
+        if points is not None:
+            return Correction(rotation, points, float(tps_alpha))
+    if rotation is not None and abs(first.angle) >= second_pass_angle:
+        return Correction(rotation)
+    return NONE
+
+
+def _bend_points(mask: np.ndarray, first: PageLines, rotation: float | None) -> np.ndarray | None:
+    """The page's control points in original pixels (corners included), or None when the
+    page is not bent."""
+    fh, fw = mask.shape
+    frame, original = (fw, fh), first.original_size
+    binary = _as_uint8(mask)
+    if rotation is not None:
+        binary = cv2.warpAffine(binary, frame_rotation(frame, original, rotation), frame,
+                                flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        contours = _kept_contours(binary, MIN_WIDTH_FRAC, MIN_AREA_FRAC)
+    else:
+        contours = [c.reshape(-1, 1, 2) for c in first.frame_contours]
+    lines = dewarp.measure_page(binary, contours)
+    if not dewarp.is_bent(lines):
+        return None
+    points = dewarp.control_points(lines)                      # [in_y, in_x, out_y, out_x], frame px
+    a = frame_to_original_affine(frame, original)
+    ins = map_points(points[:, [1, 0]], a)[:, [1, 0]]
+    outs = map_points(points[:, [3, 2]], a)[:, [1, 0]]
+    w, h = original
+    corners = np.array([[0.0, 0.0], [0.0, w - 1.0], [h - 1.0, 0.0], [h - 1.0, w - 1.0]])
+    return np.vstack([np.hstack([ins, outs]), np.hstack([corners, corners])]).astype(np.float32)

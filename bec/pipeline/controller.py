@@ -184,7 +184,8 @@ class Controller:
                 gen = int(row["gen"]) + 1
                 row["gen"] = gen
                 row["volume"], row["page"], row["pass_no"] = vol.key, page, 1
-                row["rotation"], row["binary_ready"], row["result_len"] = 0.0, 0, 0
+                row["rotation"], row["binary_ready"], row["result_len"] = float("nan"), 0, 0
+                row["skew"], row["tps_n"] = 0.0, 0
                 for name in ("fetch_ms", "decode_ms", "infer_ms", "post_ms"):
                     row[name] = 0.0
                 row["owner"] = self.ctx.pid_of(role)
@@ -239,12 +240,10 @@ class Controller:
         if vol is not None:
             entry = vol.adm.manifest.entries[page]
             result = decode_result(self.pool.read_result(msg.slot))
-            outcome = PageOutcome(
-                entry.filename, True, etag=row["etag"].decode() or None,
-                width=int(row["orig_w"]), height=int(row["orig_h"]),
-                frame_width=int(row["frame_w"]), frame_height=int(row["frame_h"]),
-                rotation_angle=float(result["rotation"]), skew_angle=float(result["skew"]),
-                contours=result["contours"], boxes=result["boxes"], timings=self._timings(row))
+            outcome = PageOutcome.from_result(
+                entry.filename, result, etag=row["etag"].decode() or None,
+                size=(int(row["orig_w"]), int(row["orig_h"])),
+                frame=(int(row["frame_w"]), int(row["frame_h"])), timings=self._timings(row))
         self._free_slot(msg.slot)
         if vol is not None:
             self._record(vol, page, outcome)

@@ -30,6 +30,9 @@ FREE, FETCH, INFER, POST, DONE, RETIRED = range(6)
 STATE_NAMES = ("free", "fetch", "infer", "post", "done", "retired")
 
 ETAG_BYTES = 48
+#: Room for a page's thin-plate spline control points between its two passes (the dewarp
+#: planner keeps at most 30 lines × 5 points, plus 4 corners).
+MAX_TPS_POINTS = 160
 
 SLOT_DTYPE = np.dtype([
     ("state", np.int32),
@@ -37,11 +40,15 @@ SLOT_DTYPE = np.dtype([
     ("gen", np.int64),
     ("volume", np.int64),       # controller's key of the volume
     ("page", np.int32),         # index in the manifest
-    ("pass_no", np.int32),      # 1, or 2 for the rotated second pass
+    ("pass_no", np.int32),      # 1, or 2 for the corrected (rotated and/or dewarped) pass
     ("orig_w", np.int32), ("orig_h", np.int32),
     ("frame_w", np.int32), ("frame_h", np.int32),
     ("binary_ready", np.int32),  # 1: the mask area holds the thresholded frame
-    ("rotation", np.float32),   # degrees applied to the frame (second pass)
+    ("rotation", np.float32),   # contract rotation_angle applied to the frame; NaN: none
+    ("skew", np.float32),       # skew the first pass measured (degrees, rising right > 0)
+    ("tps_n", np.int32),        # control points in use (0: not dewarped)
+    ("tps_alpha", np.float32),
+    ("tps", np.float32, (MAX_TPS_POINTS, 4)),  # [in_y, in_x, out_y, out_x], original px
     ("result_len", np.int64),   # bytes of the pickled result in the mask area
     ("fetch_ms", np.float32), ("decode_ms", np.float32),
     ("infer_ms", np.float32), ("post_ms", np.float32),
@@ -140,10 +147,10 @@ class SlotPool:
             pass
 
 
-def encode_result(contours: list[np.ndarray], boxes: np.ndarray, rotation: float, skew: float) -> bytes:
-    """A page's result as written into its slot by post-processing (read by the controller)."""
-    return pickle.dumps({"contours": contours, "boxes": boxes, "rotation": rotation, "skew": skew},
-                        protocol=pickle.HIGHEST_PROTOCOL)
+def encode_result(result: dict[str, Any]) -> bytes:
+    """A page's result as written into its slot by post-processing (read by the controller):
+    plain values and numpy arrays (contours, boxes, line_index, skew, the correction)."""
+    return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode_result(payload: bytes) -> dict:

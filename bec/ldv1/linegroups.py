@@ -1,0 +1,156 @@
+"""Which contours form one text line: ``line_index`` and ``nb_lines``.
+
+The model's mask often splits a text line into several contours: at a shad and the space
+after it, at a string hole, at an illustration inset. Readers want lines, so contours that
+continue one another along the same row share an index; unrelated text standing at the same
+height must not: the columns of a two-column page or table of contents, the captions of a
+pecha's side panels.
+
+How (on a straightened page: the caller rotates the boxes by the residual skew first):
+
+* Two contours are *neighbours in a row* when their vertical extents overlap by at least
+  half the smaller height and they barely overlap horizontally; each contour is linked to
+  its nearest such neighbour on the right.
+* A gap up to ``JOIN_GAP`` band heights is always inside a line (shads, spaces).
+* A wider gap is inside a line unless it is a **gutter**: a vertical strip that almost no
+  other line crosses. The test is the page's column coverage: how many contours cover each
+  x. A string hole or an inset interrupts a few lines while the lines above and below run
+  through it; a column gutter or the edge of a side panel interrupts (nearly) all of them.
+  So a gap is a gutter when the coverage across its middle is at most ``GUTTER_SHARE`` of
+  the coverage that the text body typically has.
+
+Lines are ordered top to bottom, lines at the same height left to right, and the contours
+of a line left to right.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: Gaps up to this many band heights are always within a line.
+JOIN_GAP = 1.0
+#: Vertical overlap (share of the smaller height) for two contours to sit in one row.
+ROW_OVERLAP = 0.5
+#: Horizontal overlap (share of the narrower width) above which two contours are stacked,
+#: not consecutive.
+MAX_X_OVERLAP = 0.3
+#: A wide gap is a gutter when fewer than this share of the body's lines cross it.
+GUTTER_SHARE = 0.25
+#: Below this body coverage (lines typically stacked at one x) there are too few lines to
+#: tell a gutter from a gap, and wide gaps stay inside their line.
+MIN_BODY_LINES = 3
+#: Lines whose centres differ by less than this many band heights are at the same height.
+SAME_HEIGHT = 0.5
+
+
+class _Union:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def join(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
+def group_lines(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group contours into text lines.
+
+    ``boxes`` is L×4 ``(x0, y0, x1, y1)`` per contour on the straightened page (any unit).
+    Returns ``(order, line_index)``: the contour order (lines top to bottom, each left to
+    right) and, for the contours in that order, their line index (0 = top line).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    n = len(boxes)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int16)
+    x0, y0, x1, y1 = boxes.T
+    width = np.maximum(x1 - x0, 1e-6)
+    height = np.maximum(y1 - y0, 1e-6)
+    band = _weighted_median(height, width)
+    coverage = _column_coverage(x0, x1)
+    body = _body_coverage(coverage)
+
+    union = _Union(n)
+    for i in range(n):
+        j = _right_neighbour(i, x0, y0, x1, y1, width, height)
+        if j is None:
+            continue
+        gap = x0[j] - x1[i]
+        if gap <= JOIN_GAP * band or not _is_gutter(coverage, x1[i], x0[j], body):
+            union.join(i, j)
+
+    roots = np.array([union.find(i) for i in range(n)])
+    groups = {r: np.flatnonzero(roots == r) for r in np.unique(roots)}
+    centre = (y0 + y1) / 2
+    lines = []
+    for members in groups.values():
+        y = _weighted_median(centre[members], width[members])
+        lines.append((y, float(x0[members].min()), members[np.argsort(x0[members], kind="stable")]))
+    lines.sort(key=lambda line: line[0])
+    # Lines at about the same height (columns, side panels) read left to right.
+    rows: list[list[tuple]] = []
+    for line in lines:
+        if rows and line[0] - rows[-1][0][0] < SAME_HEIGHT * band:
+            rows[-1].append(line)
+        else:
+            rows.append([line])
+    ordered = [line for row in rows for line in sorted(row, key=lambda line: line[1])]
+    order = np.concatenate([members for _, _, members in ordered]).astype(np.int64)
+    index = np.concatenate([np.full(len(members), k, np.int16)
+                            for k, (_, _, members) in enumerate(ordered)])
+    return order, index
+
+
+def _right_neighbour(i: int, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,
+                     width: np.ndarray, height: np.ndarray) -> int | None:
+    """The nearest contour continuing contour ``i``'s row on its right, if any."""
+    overlap_y = np.minimum(y1, y1[i]) - np.maximum(y0, y0[i])
+    same_row = overlap_y >= ROW_OVERLAP * np.minimum(height, height[i])
+    overlap_x = np.minimum(x1, x1[i]) - np.maximum(x0, x0[i])
+    after = (x0 + width / 2 > x1[i]) & (overlap_x <= MAX_X_OVERLAP * np.minimum(width, width[i]))
+    candidates = np.flatnonzero(same_row & after)
+    candidates = candidates[candidates != i]
+    if len(candidates) == 0:
+        return None
+    gaps = x0[candidates] - x1[i]
+    return int(candidates[np.argmin(gaps)])
+
+
+def _column_coverage(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    """How many contours cover each x (one bin per unit, from 0 to the rightmost end)."""
+    size = int(np.ceil(x1.max())) + 2
+    delta = np.zeros(size + 1, np.int64)
+    np.add.at(delta, np.clip(np.floor(x0).astype(np.int64), 0, size), 1)
+    np.add.at(delta, np.clip(np.ceil(x1).astype(np.int64), 0, size), -1)
+    return np.cumsum(delta)[:size]
+
+
+def _body_coverage(coverage: np.ndarray) -> float:
+    """The coverage of the text body: a high quantile of the covered columns (ragged line
+    ends and gaps only lower it)."""
+    covered = coverage[coverage > 0]
+    return float(np.percentile(covered, 75)) if len(covered) else 0.0
+
+
+def _is_gutter(coverage: np.ndarray, left_end: float, right_start: float, body: float) -> bool:
+    if body < MIN_BODY_LINES:
+        return False
+    gap = right_start - left_end
+    a = int(np.floor(left_end + 0.25 * gap))
+    b = int(np.ceil(right_start - 0.25 * gap))
+    if b <= a:
+        return False
+    crossing = float(coverage[max(a, 0):max(b, a + 1)].min())
+    return crossing <= GUTTER_SHARE * body
