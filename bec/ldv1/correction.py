@@ -88,22 +88,29 @@ def fit_tps(points: np.ndarray, alpha: float):
 
 
 def corrected_page(image: np.ndarray, rotation_angle: float | None,
-                   tps_points: np.ndarray | None, tps_alpha: float | None) -> np.ndarray:
-    """Rebuild the corrected page from an original image (2-D gray or H×W×C), as readers do."""
+                   tps_points: np.ndarray | None, tps_alpha: float | None, *,
+                   nearest: bool = False) -> np.ndarray:
+    """Rebuild the corrected page from an original image (2-D gray or H×W×C), as readers do.
+
+    ``nearest`` samples the nearest pixel instead of interpolating: for label images (which
+    line each pixel belongs to), where a blend of two labels means nothing.
+    """
     from scipy import ndimage
 
     out = np.asarray(image)
     h, w = out.shape[:2]
+    order = 0 if nearest else 1
     if rotation_angle is not None:
-        out = cv2.warpAffine(out, original_rotation((w, h), rotation_angle), (w, h), flags=cv2.INTER_LINEAR)
+        out = cv2.warpAffine(out, original_rotation((w, h), rotation_angle), (w, h),
+                             flags=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
     if tps_points is not None:
         spline = fit_tps(tps_points, DEFAULT_TPS_ALPHA if tps_alpha is None else tps_alpha)
         grid = np.indices((h, w), dtype=np.float64).reshape(2, -1).T      # (y, x) of every output pixel
         source = spline.transform(grid).T.reshape(2, h, w)
         if out.ndim == 2:
-            out = ndimage.map_coordinates(out, source, order=1)
+            out = ndimage.map_coordinates(out, source, order=order)
         else:
-            out = np.stack([ndimage.map_coordinates(out[..., c], source, order=1)
+            out = np.stack([ndimage.map_coordinates(out[..., c], source, order=order)
                             for c in range(out.shape[2])], axis=-1)
     return out
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Gaps up to this many band heights are always within a line.
-JOIN_GAP = 1.0
+#: Gaps up to this many band heights are always within a line: a shad and its spaces, or
+#: the gap before a page number in a table of contents, even when they line up from one
+#: line to the next; a column gutter is wider.
+JOIN_GAP = 1.5
 #: Vertical overlap (share of the smaller height) for two contours to sit in one row.
 ROW_OVERLAP = 0.5
 #: Horizontal overlap (share of the narrower width) above which two contours are stacked,

@@ -1,0 +1,59 @@
+"""Known skew and known bend for generated pages: the ground truth dewarping is tested on.
+
+A generated page comes with its line labels (0 = paper, k = the band of text line k). These
+functions move the page *and* its labels by the same known geometry, so a test (or the
+demo's volumes) knows exactly where every line is on the skewed or bent image, and what
+a correct straightening must give back.
+
+* :func:`skew_page` turns the page by ``angle`` degrees (``cv2.getRotationMatrix2D``'s
+  convention: positive turns the content counter-clockwise, lines rise to the right).
+* :func:`bend_page` bows every line by ``amplitude`` pixels: the content at ``x`` moves
+  down by ``amplitude·sin(π·x/w)`` (a page photographed with its middle sagging), or up for
+  a negative amplitude.
+
+Tools, not runtime: nothing a worker imports uses this module.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def labels_from_mask(mask: np.ndarray) -> np.ndarray:
+    """int16 labels of a line mask's bands, numbered top to bottom by their centres."""
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    order = np.argsort(centroids[1:, 1]) + 1
+    relabel = np.zeros(count, np.int16)
+    relabel[order] = np.arange(1, count, dtype=np.int16)
+    return relabel[labels]
+
+
+def _warp(image: np.ndarray, labels: np.ndarray, map_x: np.ndarray, map_y: np.ndarray,
+          fill: int) -> tuple[np.ndarray, np.ndarray]:
+    moved = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+    moved_labels = cv2.remap(labels, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=0)
+    return moved, moved_labels
+
+
+def bend_page(image: np.ndarray, labels: np.ndarray, amplitude: float,
+              fill: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """The page and its labels with every line bowed by ``amplitude`` pixels at the middle."""
+    h, w = image.shape[:2]
+    xs = np.arange(w, dtype=np.float32)
+    shift = (amplitude * np.sin(np.pi * xs / max(w - 1, 1))).astype(np.float32)
+    map_x = np.broadcast_to(xs, (h, w)).copy()
+    map_y = (np.arange(h, dtype=np.float32)[:, None] - shift[None, :]).astype(np.float32)
+    return _warp(image, labels.astype(np.int16), map_x, map_y, fill)
+
+
+def skew_page(image: np.ndarray, labels: np.ndarray, angle: float,
+              fill: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """The page and its labels turned by ``angle`` degrees about the centre, same size."""
+    h, w = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), float(angle), 1.0)
+    turned = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                            borderValue=fill)
+    turned_labels = cv2.warpAffine(labels.astype(np.int16), matrix, (w, h), flags=cv2.INTER_NEAREST,
+                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return turned, turned_labels
