@@ -106,6 +106,50 @@ def test_two_batches_in_flight_find_the_same_lines_as_one(stack):
     assert [p["contours"] for p in two] == [p["contours"] for p in one]
 
 
+def test_bent_and_skewed_pages_through_the_worker_land_on_the_readers_corrected_page(stack):
+    """A volume of straight, bent and skewed pecha pages: the Parquet says how each page was
+    corrected, and a reader who rebuilds the corrected page from the original image (cv2
+    rotation, then the ``tps`` spline) finds every contour on ink and the true line count."""
+    import io
+
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from bec.archive import volume_prefix
+    from bec.devstack.volumes import make_volume
+    from bec.ldv1.correction import corrected_page
+    from bec.ldv1.preprocess import adaptive_threshold
+    from workerkit import SOURCE_BUCKET
+
+    q = setup_job(stack)
+    made = make_volume(stack.s3, SOURCE_BUCKET, "W22084", "I0000", 6, seed=7, kinds=("jpeg_gray", "tiff_g4"),
+                       size=(2400, 700), geometries=("straight", "bent", "skewed"))
+    enqueue(stack, q["queue"], [("W22084", "I0000")])
+    run_worker(stack, model=str(shipped_model()), timeout=300)
+    row, = tasks(stack)
+    assert row["status"] == "done" and row["nb_errors"] == 0
+    pages = read_parquet(stack, "W22084", "I0000", row["s3_etag"])
+    for page, truth in zip(pages, made):
+        assert page["ok"] and page["img_file_name"] == truth.filename
+        if truth.geometry == "bent":
+            assert page["tps_points"] and page["tps_alpha"] == 0.5
+        if truth.geometry == "skewed":
+            assert page["rotation_angle"] is not None and abs(page["rotation_angle"]) >= 3
+        data = stack.s3.get_object(Bucket=SOURCE_BUCKET, Key=volume_prefix("W22084", "I0000") + truth.filename)
+        original = np.asarray(Image.open(io.BytesIO(data["Body"].read())).convert("L"))
+        rebuilt = corrected_page(original, page["rotation_angle"], page["tps_points"], page["tps_alpha"])
+        # Ink, grown by about half a band (gaps between glyphs are inside a line's polygon).
+        grow = max(9, int(0.6 * np.median([b["h"] for b in page["contours_bboxes"]])))
+        ink = cv2.dilate((adaptive_threshold(rebuilt) == 0).astype(np.uint8), np.ones((grow, grow), np.uint8))
+        for contour in page["contours"]:
+            inside = np.zeros(ink.shape, np.uint8)
+            cv2.fillPoly(inside, [np.array([[p["x"], p["y"]] for p in contour], np.int32).reshape(-1, 1, 2)], 1)
+            assert ink[inside > 0].mean() >= 0.9, (truth.filename, truth.geometry)
+        assert page["nb_lines"] == truth.n_lines, (truth.filename, truth.geometry)
+    assert {t.geometry for t in made} == {"straight", "bent", "skewed"}
+
+
 def test_kill_9_of_inference_while_a_batch_is_held_back(stack):
     """With two batches in flight a computed batch waits, unfinished, while the next one is
     submitted. Killing the inference process then loses the pages of both: they are taken

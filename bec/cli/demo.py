@@ -83,10 +83,12 @@ def command(n_volumes: int, pages: int, procs: int, out_dir: str, model_path: st
     s3 = boto3.client("s3", region_name=stack.REGION, endpoint_url=state.moto_url)
     volumes = VOLUMES[:n_volumes]
 
-    out.print(f"2. Generating {len(volumes)} volumes × {pages} pages (JPEG RGB/gray, Group 4 TIFF) "
+    out.print(f"2. Generating {len(volumes)} volumes × {pages} pages (JPEG RGB/gray, Group 4 TIFF; "
+              "every other page bent or skewed by a known amount) "
               f"into s3://{stack.SOURCE_BUCKET}")
     for n, (w, i) in enumerate(volumes):
-        make_volume(s3, stack.SOURCE_BUCKET, w, i, pages, seed=4242 + n)
+        make_volume(s3, stack.SOURCE_BUCKET, w, i, pages, seed=4242 + n,
+                    geometries=("straight", "bent", "straight", "skewed"))
 
     out.print(f"3. Job '{JOB}' (a fresh one: the demo owns the local stack's database)")
     with Database(state.db_params(), max_size=1) as db:

@@ -3,6 +3,8 @@
 Each volume gets pecha-like pages from ``bec.ldv1.synth`` rendered the way the archive
 stores them — RGB or grayscale JPEG, Group 4 bilevel TIFF — and a gzip'd
 ``dimensions.json``. The page's true line count is returned so callers can check results.
+Pages can be bent or skewed by a known amount (``geometries``), so volumes exercise the
+second pass and the dewarp.
 """
 from __future__ import annotations
 
@@ -25,13 +27,20 @@ class MadePage:
     n_lines: int
     width: int
     height: int
+    geometry: str = "straight"
 
 
 def render(kind: str, rng: np.random.Generator, width: int | None = None,
-           height: int | None = None) -> tuple[bytes, Any]:
+           height: int | None = None, geometry: str = "straight") -> tuple[bytes, Any]:
+    from bec.ldv1.pagewarp import apply_geometry, labels_from_mask
     from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
 
     page = generate_page(rng, "bilevel" if kind == "tiff_g4" else "gray", width, height)
+    if geometry != "straight":
+        image, _, _ = apply_geometry(page.image, labels_from_mask(page.line_mask), geometry, rng)
+        if kind == "tiff_g4":
+            image = np.where(image < 128, 0, 255).astype(np.uint8)
+        page.image = image
     if kind == "tiff_g4":
         return encode_tiff_g4(page.image), page
     return encode_jpeg(page.image, rgb=(kind == "jpeg_rgb")), page
@@ -52,15 +61,18 @@ def put_manifest(s3: Any, bucket: str, w_id: str, i_id: str, entries: Sequence[d
 
 
 def make_volume(s3: Any, bucket: str, w_id: str, i_id: str, n_pages: int, seed: int,
-                kinds: Sequence[str] = KINDS, size: tuple[int, int] | None = None) -> list[MadePage]:
-    """Upload ``n_pages`` generated pages (kinds in rotation) and the volume's manifest."""
+                kinds: Sequence[str] = KINDS, size: tuple[int, int] | None = None,
+                geometries: Sequence[str] = ("straight",)) -> list[MadePage]:
+    """Upload ``n_pages`` generated pages (kinds and geometries in rotation) and the
+    volume's manifest."""
     rng = np.random.default_rng(seed)
     prefix = volume_prefix(w_id, i_id)
     suffix = i_id[1:] if len(i_id) == 5 and i_id[1:].isdigit() else i_id
     made, entries = [], []
     for n in range(n_pages):
         kind = kinds[n % len(kinds)]
-        data, page = render(kind, rng, *(size or (None, None)))
+        geometry = geometries[n % len(geometries)]
+        data, page = render(kind, rng, *(size or (None, None)), geometry=geometry)
         name = f"{suffix}{n + 1:04d}.{'tif' if kind == 'tiff_g4' else 'jpg'}"
         s3.put_object(Bucket=bucket, Key=prefix + name, Body=data)
         h, w = page.image.shape
@@ -68,7 +80,7 @@ def make_volume(s3: Any, bucket: str, w_id: str, i_id: str, n_pages: int, seed: 
         if len(data) > 2_000_000:
             entry["size"] = len(data)
         entries.append(entry)
-        made.append(MadePage(name, kind, page.n_lines, int(w), int(h)))
+        made.append(MadePage(name, kind, page.n_lines, int(w), int(h), geometry))
     put_manifest(s3, bucket, w_id, i_id, entries)
     return made
 

@@ -57,3 +57,30 @@ def skew_page(image: np.ndarray, labels: np.ndarray, angle: float,
     turned_labels = cv2.warpAffine(labels.astype(np.int16), matrix, (w, h), flags=cv2.INTER_NEAREST,
                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return turned, turned_labels
+
+
+GEOMETRIES = ("straight", "bent", "skewed")
+
+
+def band_height(labels: np.ndarray) -> float:
+    """Median vertical thickness of the page's line bands (pixels)."""
+    columns = np.concatenate([(labels == k).sum(axis=0) for k in range(1, int(labels.max()) + 1)]
+                             or [np.zeros(1)])
+    columns = columns[columns > 0]
+    return float(np.median(columns)) if len(columns) else 0.0
+
+
+def apply_geometry(image: np.ndarray, labels: np.ndarray, geometry: str,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """The page as ``geometry`` says: as generated, bent (bowed up or down by twice its band
+    height) or skewed (a further 4–5°, either way); returns (image, labels, the parameter:
+    bend amplitude in pixels or extra skew in degrees, 0 when straight)."""
+    if geometry == "straight":
+        return image, labels, 0.0
+    if geometry == "bent":
+        amplitude = float(rng.choice([-1.0, 1.0])) * 2.0 * band_height(labels)
+        return (*bend_page(image, labels, amplitude), amplitude)
+    if geometry == "skewed":
+        angle = float(rng.choice([-1.0, 1.0]) * rng.uniform(4.0, 5.0))
+        return (*skew_page(image, labels, angle), angle)
+    raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
