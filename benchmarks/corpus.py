@@ -1,7 +1,9 @@
 """A reproducible corpus shaped like the archive, for benchmarks.
 
 About 70 % JPEG (RGB and grayscale, a few hundred kB, long side up to ~2,500 px, mostly
-wide pecha pages) and 30 % Group 4 bilevel TIFF (tens of kB). Generating a page costs
+wide pecha pages) and 30 % Group 4 bilevel TIFF (tens of kB). One page in ten is bent
+and one in ten skewed by 4–5° (photographed folios), so the second pass and the dewarp
+cost what they cost on the archive. Generating a page costs
 tens of milliseconds, so a pool of distinct pages (seeded) is rendered once, cached on
 disk, and volumes draw from it: decode and inference costs are those of real distinct
 pages, while a 5,000-page corpus is ready in seconds.
@@ -20,6 +22,8 @@ import numpy as np
 from bec.archive import MANIFEST, volume_prefix
 
 KIND_WEIGHTS = {"jpeg_rgb": 0.35, "jpeg_gray": 0.35, "tiff_g4": 0.30}
+GEOMETRY_WEIGHTS = {"straight": 0.8, "bent": 0.1, "skewed": 0.1}
+POOL_VERSION = 2  # part of the cache's name: a pool drawn by older code is not reused
 JPEG_QUALITY = 93  # the archive's JPEGs are large (~300–800 kB)
 
 
@@ -30,6 +34,7 @@ class Page:
     width: int
     height: int
     n_lines: int
+    geometry: str = "straight"
 
 
 @dataclass
@@ -55,24 +60,30 @@ class Corpus:
         return sum(p.data.__len__() for *_, p in self.items())
 
 
-def _render(kind: str, rng: np.random.Generator) -> Page:
+def _render(kind: str, geometry: str, rng: np.random.Generator) -> Page:
+    from bec.ldv1.pagewarp import apply_geometry, labels_from_mask
     from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
 
     synth = generate_page(rng, "bilevel" if kind == "tiff_g4" else "gray")
-    data = (encode_tiff_g4(synth.image) if kind == "tiff_g4"
-            else encode_jpeg(synth.image, rgb=kind == "jpeg_rgb", quality=JPEG_QUALITY))
-    h, w = synth.image.shape
-    return Page(kind, data, w, h, synth.n_lines)
+    image, _, _ = apply_geometry(synth.image, labels_from_mask(synth.line_mask), geometry, rng)
+    if kind == "tiff_g4":
+        image = np.where(image < 128, 0, 255).astype(np.uint8)
+    data = (encode_tiff_g4(image) if kind == "tiff_g4"
+            else encode_jpeg(image, rgb=kind == "jpeg_rgb", quality=JPEG_QUALITY))
+    h, w = image.shape
+    return Page(kind, data, w, h, synth.n_lines, geometry)
 
 
 def page_pool(size: int, seed: int, cache_dir: Path | None) -> list[Page]:
-    cache = cache_dir / f"pool-{seed}-{size}.pkl" if cache_dir else None
+    cache = cache_dir / f"pool-v{POOL_VERSION}-{seed}-{size}.pkl" if cache_dir else None
     if cache and cache.exists():
         return pickle.loads(cache.read_bytes())  # noqa: S301 - our own cache file
     rng = np.random.default_rng(seed)
     kinds = list(KIND_WEIGHTS)
     picks = rng.choice(len(kinds), size=size, p=list(KIND_WEIGHTS.values()))
-    pool = [_render(kinds[k], rng) for k in picks]
+    geometries = list(GEOMETRY_WEIGHTS)
+    shapes = rng.choice(len(geometries), size=size, p=list(GEOMETRY_WEIGHTS.values()))
+    pool = [_render(kinds[k], geometries[g], rng) for k, g in zip(picks, shapes)]
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_bytes(pickle.dumps(pool))

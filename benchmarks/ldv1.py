@@ -294,7 +294,9 @@ def report(results: dict[str, Any]) -> None:
     for s in results["stages"]:
         notes = ", ".join(f"{k}={v}" for k, v in s.items() if k in ("tiles_per_s", "tiles", "threads",
                                                                      "second_pass_pages", "bytes_per_page", "gb_per_s",
-                                                                     "procs"))
+                                                                     "procs", "second_pass_share", "dewarped_pages",
+                                                                     "post_ms_dewarped", "post_ms_rotated",
+                                                                     "post_ms_straight"))
         t.add_row(escape(s["name"]), f"{s['pages_per_s']:.1f}", f"{s['median_ms']:.1f}", f"{s['p95_ms']:.1f}",
                   f"{s.get('cpu_ms_per_page', 0):.1f}", notes)
     console.print(t)

@@ -193,8 +193,12 @@ def _infer_post_part(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any],
         p0 = time.perf_counter()
         results.append(W.post(m, f))
         post_ms.append((time.perf_counter() - p0) * 1000)
-    redo = [(i, W.corrected(frames[i], plan), plan) for i, (_, plan) in enumerate(results)
-            if not plan.identity]
+    redo = []
+    for i, (_, plan) in enumerate(results):  # correcting the frame is the post process' work too
+        if not plan.identity:
+            p0 = time.perf_counter()
+            redo.append((i, W.corrected(frames[i], plan), plan))
+            post_ms[i] += (time.perf_counter() - p0) * 1000
     post_s, post_cpu = time.perf_counter() - t, time.process_time() - c
     outcomes = [o for o, _ in results]
     sync()  # every replica's second passes, side by side
@@ -206,7 +210,9 @@ def _infer_post_part(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any],
     tiles += sum(W.tiles_of(f, tile) for _, f, _ in redo)
     t, c = time.perf_counter(), time.process_time()
     for (i, f, plan), m in zip(redo, masks2):
+        p0 = time.perf_counter()
         outcomes[i] = W.post(m, f, correction=plan, skew=outcomes[i].skew_angle)[0]
+        post_ms[i] += (time.perf_counter() - p0) * 1000
     post_s, post_cpu = post_s + time.perf_counter() - t, post_cpu + time.process_time() - c
     return InferPostPart(spans, infer_cpu, tiles, post_s, post_cpu, post_ms, len(redo), outcomes)
 
@@ -223,12 +229,31 @@ def _merge(parts: list[InferPostPart], layout: tuple[int, int]) -> tuple[StageRe
                                "second_pass_pages": sum(p.redo for p in parts), "procs": procs,
                                "threads": threads},
                         cpu_s=sum(p.infer_cpu for p in parts))
-    postr = StageResult("post (contours, skew, bend, line groups, second-pass correction)", n, sum(p.post_s for p in parts),
-                        [ms for p in parts for ms in p.post_ms], cpu_s=sum(p.post_cpu for p in parts))
     outcomes: list = [None] * n
+    post_ms: list = [0.0] * n
     for k, p in enumerate(parts):  # replica k had pages k, k + procs, k + 2·procs…
         outcomes[k::len(parts)] = p.outcomes
+        post_ms[k::len(parts)] = p.post_ms
+    postr = StageResult("post (contours, skew, bend, line groups, second-pass correction)", n,
+                        sum(p.post_s for p in parts), post_ms, cpu_s=sum(p.post_cpu for p in parts),
+                        extra=correction_costs(outcomes, post_ms))
     return infer, postr, outcomes
+
+
+def correction_costs(outcomes: list, post_ms: list[float]) -> dict[str, Any]:
+    """What dewarping costs: the share of pages that took a second pass, and post ms/page
+    (both passes' post-processing and the frame's correction) by what was done to the page."""
+    kinds = {"dewarped": [], "rotated": [], "straight": []}
+    for outcome, ms in zip(outcomes, post_ms):
+        kind = ("dewarped" if outcome.tps_points is not None
+                else "rotated" if outcome.rotation_angle is not None else "straight")
+        kinds[kind].append(ms)
+    n = max(1, len(outcomes))
+    out: dict[str, Any] = {"second_pass_share": round((len(kinds["dewarped"]) + len(kinds["rotated"])) / n, 3),
+                           "dewarped_pages": len(kinds["dewarped"]), "rotated_pages": len(kinds["rotated"])}
+    for kind, values in kinds.items():
+        out[f"post_ms_{kind}"] = round(float(np.median(values)), 2) if values else None
+    return out
 
 
 def infer_and_post(segmenter: Any, frames: list[W.Frame], cfg: dict[str, Any]) -> tuple[StageResult, StageResult, list]:

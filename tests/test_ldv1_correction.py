@@ -101,3 +101,24 @@ def test_a_skewed_page_is_rotated_back_with_the_right_sign(model, extra):
     assert lines.nb_lines == page.n_lines
     ratios = check_on_ink_and_straight(lines, rebuilt_labels(skewed, c))
     assert max(ratios) <= STRAIGHT
+
+
+def test_the_readmes_reader_rebuilds_the_same_page():
+    """The ten lines of Python the README gives readers are the reader this project tests."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index("```python\nimport cv2, numpy as np, tps")
+    code = text[start + len("```python\n"):text.index("```", start + 10)]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    rng = np.random.default_rng(3)
+    image = cv2.GaussianBlur((rng.random((300, 900)) * 255).astype(np.uint8), (0, 0), 3)
+    points = np.array([[0, 0, 0, 0], [0, 899, 0, 899], [299, 0, 299, 0], [299, 899, 299, 899],
+                       [150, 450, 140, 450], [120, 200, 130, 200]], np.float32)
+    for row in ({"rotation_angle": None, "tps_points": None, "tps_alpha": None},
+                {"rotation_angle": -3.5, "tps_points": None, "tps_alpha": None},
+                {"rotation_angle": 4.0, "tps_points": points.tolist(), "tps_alpha": np.float16(0.5)}):
+        theirs = scope["corrected_page"](image, row)
+        ours = corrected_page(image, row["rotation_angle"], row["tps_points"], row["tps_alpha"])
+        assert np.array_equal(theirs, ours)
