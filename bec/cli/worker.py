@@ -115,7 +115,9 @@ def _check_worker_extras() -> None:
             return True
 
     missing = [name for module, name in (("torch", "torch"), ("cv2", "opencv-python-headless"),
-                                         ("numpy", "numpy"), ("PIL", "Pillow")) if absent(module)]
+                                         ("numpy", "numpy"), ("PIL", "Pillow"),
+                                         ("tps", "thin-plate-spline"), ("scipy", "scipy"))
+               if absent(module)]
     if missing:
         raise BadInput(f"bec worker needs the ldv1 extras, and {', '.join(missing)} "
                        f"{'is' if len(missing) == 1 else 'are'} not installed: "
