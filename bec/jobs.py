@@ -56,6 +56,21 @@ def all_jobs(db: Database) -> list[Job]:
         "SELECT id, name, config, queue_url, dlq_url FROM jobs ORDER BY id")]
 
 
+def sharing_queues(db: Database, urls: tuple[str, ...], except_id: int | None = None) -> list[tuple[str, str]]:
+    """Other jobs using any of ``urls`` as their tasks queue or DLQ: (job name, url) pairs.
+
+    Two jobs on one queue take each other's messages, and deleting the queues of one would
+    leave the other with none."""
+    rows = db.rows(
+        """
+        SELECT name, u.url FROM jobs, unnest(%(urls)s::text[]) AS u(url)
+         WHERE (queue_url = u.url OR dlq_url = u.url)
+           AND (%(except)s::bigint IS NULL OR id <> %(except)s::bigint)
+         ORDER BY id
+        """, {"urls": list(urls), "except": except_id})
+    return [(r["name"], r["url"]) for r in rows]
+
+
 def insert(db: Database, name: str, config: dict[str, Any], queue_url: str, dlq_url: str) -> Job:
     row = db.row(
         "INSERT INTO jobs (name, config, queue_url, dlq_url) VALUES (%s, %s, %s, %s) "

@@ -83,6 +83,9 @@ def create(app: AppContext, name: str, config_file: str | None, config_text: str
             out.print(f"✓ {'Created' if pair.created_dlq else 'Reused'} DLQ: {dlq_url}")
     job = jobstore.insert(db, name, config, queue_url, dlq_url)
     out.print(f"✓ Created job: id={job.id}, name={job.name}")
+    for other, url in jobstore.sharing_queues(db, (queue_url, dlq_url), except_id=job.id):
+        err.print(f"Warning: job {other!r} uses {queues.queue_name_of(url)} too: the two jobs' "
+                  "workers take each other's messages (give each job its own queues)", markup=False)
 
 
 @jobs.command("list")
@@ -136,6 +139,10 @@ def update(app: AppContext, name: str, config_file: str | None, config_text: str
 def delete(app: AppContext, name: str, yes: bool, delete_queues: bool) -> None:
     """Delete a job and its task history (queues only with --delete-queues)."""
     job = jobstore.get(app.db, name)
+    if delete_queues:
+        for other, url in jobstore.sharing_queues(app.db, (job.queue_url, job.dlq_url), except_id=job.id):
+            raise BadInput(f"job {other!r} uses {queues.queue_name_of(url)} too: not deleting queues "
+                           f"another job needs (delete job {name!r} without --delete-queues)")
     if not yes:
         what = " and its SQS queues" if delete_queues else ""
         click.confirm(f"Delete job '{name}' (id={job.id}), its task history{what}?", abort=True)
@@ -322,7 +329,11 @@ def tasks(app: AppContext, name: str, limit: int, status: str | None) -> None:
     for column in ("Images", "Errors", "Duration (s)"):
         table.add_column(column, justify="right")
     table.add_column("Worker")
-    for row in jobstore.recent_tasks(db, job.id, limit, status):
+    rows = jobstore.recent_tasks(db, job.id, limit, status)
+    if not rows:
+        out.print(f"No task executions with status {status}." if status else "No task executions yet.")
+        return
+    for row in rows:
         running = row["status"] == "running"
         duration = None if running or row["total_duration_ms"] is None else row["total_duration_ms"] / 1000
         table.add_row(str(row["id"]), _volume_label(row["w_id"], row["i_id"]), row["status"],
