@@ -115,6 +115,27 @@ def test_workers_list_ages_and_states(stack):
     assert rows["w-done"][7] == "stopped" and rows["w-done"][6] != "-"
 
 
+def test_workers_list_honours_stale_after(stack, monkeypatch):
+    """A worker started with --stale-after 600 (say) is not stale at 90 s; the list used a
+    hard-coded 60 s whatever the fleet's setting."""
+    stack.db.execute("INSERT INTO workers (worker_name, hostname, last_heartbeat_at) "
+                     "VALUES ('w-slow', 'host-a', now() - interval '90 seconds')")
+
+    def state() -> str:
+        line = next(line for line in ok("workers", "list", *args).splitlines() if "w-slow" in line)
+        return line.split("│")[8].strip()
+
+    args: tuple[str, ...] = ()
+    assert state() == "stale"                       # the worker's default: 60 s
+    args = ("--stale-after", "600")
+    assert state() == "active"
+    args = ()
+    monkeypatch.setenv("BEC_STALE_AFTER", "600")    # as the workers are configured
+    assert state() == "active"
+    args = ("--stale-after", "30")
+    assert state() == "stale"
+
+
 def test_help_everywhere_and_version():
     assert "Usage: bec" in ok("--help")
     for group in ("jobs", "queue", "workers", "db"):
