@@ -15,6 +15,10 @@ from typing import Any, Callable, Iterable
 
 log = logging.getLogger("bec.telemetry")
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Where metrics endpoints listen unless told otherwise: this host only. The metrics name
+#: the job, the model's hash and the host's memory; exposing them to every network the
+#: host is on is the operator's decision (--metrics-addr 0.0.0.0), not a default.
+LOCAL_ONLY = "127.0.0.1"
 
 
 def enable() -> Path:

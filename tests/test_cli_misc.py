@@ -51,6 +51,18 @@ def test_world_readable_dotenv_warns(stack):
     assert ".env is readable by every user" in result.stderr
 
 
+def test_group_readable_dotenv_warns(stack):
+    """It holds the database password: a shared group (staff, users) reading it is a leak too."""
+    Path(".env").write_text(f"BEC_SQL_DATABASE={stack.db_params.database}\n")
+    Path(".env").chmod(0o640)
+    result = subprocess.run([BEC, "jobs", "list"], capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 0
+    assert ".env is readable by its group; it may hold secrets (chmod 600 .env)" in result.stderr
+    Path(".env").chmod(0o600)
+    result = subprocess.run([BEC, "jobs", "list"], capture_output=True, text=True, env=dict(os.environ))
+    assert "Warning" not in result.stderr
+
+
 def test_unreachable_database_names_host_not_password(stack, monkeypatch):
     monkeypatch.setenv("BEC_SQL_PORT", str(free_port()))
     monkeypatch.setenv("BEC_SQL_PASSWORD", "s3cret-pw")

@@ -151,10 +151,17 @@ def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=15).read().decode()
 
 
+def listening_addresses(pid: int, port: int) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
 def test_exporter_command_serves_the_values_and_passes_promtool(stack):
     seed(stack)
     port = free_port()
-    proc = subprocess.Popen([BEC, "exporter", "--port", str(port), "--addr", "127.0.0.1", "--interval", "1"],
+    proc = subprocess.Popen([BEC, "exporter", "--port", str(port), "--interval", "1"],  # default --addr
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **stack.env}, cwd=stack.workdir)
     try:
@@ -169,6 +176,8 @@ def test_exporter_command_serves_the_values_and_passes_promtool(stack):
         got = samples_of(text_string_to_metric_families(text))
         for k, v in expected_ldv1().items():
             assert got.get(k) == v, (k, got.get(k))
+        # by default it listens on this host only (it listened on every address)
+        assert listening_addresses(proc.pid, port) == {"127.0.0.1"}
         # no DB or SQS round trip per scrape; after the interval a new refresh is seen
         stack.sqs.send_message(QueueUrl=stack.db.row("SELECT dlq_url FROM jobs WHERE name = 'ldv1'")["dlq_url"],
                                MessageBody="x")

@@ -17,7 +17,9 @@ log = logging.getLogger("bec.exporter")
 @click.command("exporter")
 @click.option("--port", type=click.IntRange(0, 65535), default=9109, show_default=True,
               help="Port of the /metrics endpoint (0 = any free port).")
-@click.option("--addr", default="0.0.0.0", show_default=True, help="Address the endpoint listens on.")
+@click.option("--addr", default="127.0.0.1", show_default=True,
+              help="Address the endpoint listens on: 127.0.0.1 is this host only; 0.0.0.0 (or the "
+                   "host's address) for a Prometheus on another host.")
 @click.option("--interval", type=click.FloatRange(0.1), default=15.0, show_default=True,
               help="Seconds a refresh of the values is reused (scrapes within it cost nothing).")
 @click.option("--stale-after", type=click.FloatRange(1), default=None,
