@@ -60,22 +60,26 @@ def test_kill_9_of_a_child_mid_volume(stack, role):
     assert queue_counts(stack, q["queue"]) == (0, 0)
 
 
-def test_kill_9_of_the_supervisor_leaves_no_orphans_and_work_is_taken_over(stack):
+def test_kill_9_of_the_supervisor_leaves_no_orphans_and_work_is_taken_over(stack, tmp_path):
     q = setup_job(stack)
     vols = add_volumes(stack, 3, pages=12)
     enqueue(stack, q["queue"], vols)
-    run = start_worker(stack, "--visibility-timeout", "4")
+    tmp = {"TMPDIR": str(tmp_path)}  # where the workers' metrics folders go
+    run = start_worker(stack, "--visibility-timeout", "4", env=tmp)
     kids = run.wait_children(["controller", "fetch-0", "infer-0", "post-0"])
     run.wait_for("Processing message", timeout=60)
     run.process.kill()
     run.process.wait(10)
     gone, alive = psutil.wait_procs(list(kids.values()), timeout=5)
     assert not alive, f"orphans: {alive}"
+    left = list(tmp_path.glob(f"bec-metrics-{run.process.pid}-*"))
+    assert len(left) == 1 and any(left[0].glob("*.db"))  # nobody could clean it up ...
     # a second worker takes the volumes over once the first one's heartbeat is stale
-    second = run_worker(stack, "--stale-after", "6", "--shutdown-after-empty", "12")
+    second = run_worker(stack, "--stale-after", "6", "--shutdown-after-empty", "12", env=tmp)
     rows = assert_all_done_once(stack, vols, 12)
     assert {r["worker_id"] for r in rows} <= {1, 2}
     assert "Processing message" in second.output
+    assert not list(tmp_path.glob("bec-metrics-*"))  # ... until the next start (and its own at its end)
 
 
 def test_sigterm_drains_and_exits_0(stack):
