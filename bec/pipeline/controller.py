@@ -192,7 +192,7 @@ class Controller:
                     row[name] = 0.0
                 row["owner"] = self.ctx.pid_of(role)
                 row["state"] = S.FETCH
-                msg = Fetch(slot, gen, self.p.source_bucket, vol.adm.manifest.key(entry))
+                msg = Fetch(slot, gen, self.p.source_bucket, vol.adm.manifest.key(entry), entry.size or 0)
                 try:
                     sent = self.ctx.mailbox.try_send(role, msg)
                 except Gone:
