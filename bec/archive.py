@@ -40,6 +40,7 @@ class ManifestEntry:
     width: int | None
     height: int | None
     problem: str | None = None  # set when the entry cannot be fetched (bad file name…)
+    size: int | None = None     # bytes, where the manifest says (it does for files over 2 MB)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _entry(raw: Any, index: int) -> ManifestEntry:
         value = raw.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
-    return ManifestEntry(name, dim("width"), dim("height"))
+    return ManifestEntry(name, dim("width"), dim("height"), size=dim("size"))
 
 
 def _fits_a_key(name: str) -> bool:

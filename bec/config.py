@@ -28,20 +28,27 @@ def load_env(env_file: str | os.PathLike[str] | None = None,
     path = Path(env_file or environ.get("BEC_ENV_FILE") or ".env")
     merged: dict[str, str] = {}
     if path.is_file():
-        _warn_if_world_readable(path)
+        _warn_if_readable_by_others(path)
         merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
     merged.update(environ)
     return merged
 
 
-def _warn_if_world_readable(path: Path) -> None:
+def _warn_if_readable_by_others(path: Path) -> None:
+    """``.env`` holds the database password: readable by its group (a shared ``staff`` or
+    ``users`` group is common) is as much a leak as readable by everyone."""
     try:
         mode = path.stat().st_mode
     except OSError:
         return
     if mode & stat.S_IROTH:
-        print(f"Warning: {path} is readable by every user; it may hold secrets "
-              f"(chmod 600 {path})", file=sys.stderr)
+        who = "every user"
+    elif mode & stat.S_IRGRP:
+        who = "its group"
+    else:
+        return
+    print(f"Warning: {path} is readable by {who}; it may hold secrets "
+          f"(chmod 600 {path})", file=sys.stderr)
 
 
 @dataclass(frozen=True)

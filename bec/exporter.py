@@ -7,7 +7,8 @@ deployment and exports, per job (label ``job``, the job's name):
 
 * ``bec_job_queue_messages{queue="tasks|dlq", state="visible|in_flight"}`` (SQS's
   approximate counts),
-* ``bec_job_tasks{status}`` (all four statuses, zeros included),
+* ``bec_job_tasks{status}`` (the four statuses and ``stalled``: running under a worker that
+  stopped heartbeating, nobody's work until taken over; zeros included),
 * ``bec_job_images_done`` and ``bec_job_page_errors`` (over ``done`` tasks),
 
 plus ``bec_exporter_up`` (0 when the last refresh could not reach PostgreSQL or SQS: the
@@ -69,8 +70,9 @@ class JobExporter:
     """A prometheus_client collector; ``refresh`` is the only place that does I/O."""
 
     def __init__(self, db_params: DbParams, sqs_factory: Callable[[], Any], interval: float = 15.0,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, stale_after_s: float = jobstore.STALE_AFTER_S) -> None:
         self.db_params = db_params
+        self.stale_after_s = stale_after_s
         self.sqs_factory = sqs_factory
         self.interval = interval
         self.connect_timeout = connect_timeout
@@ -101,7 +103,7 @@ class JobExporter:
     def refresh(self) -> Snapshot:
         started = time.perf_counter()
         try:
-            rows = jobstore.exporter_totals(self._database())
+            rows = jobstore.exporter_totals(self._database(), self.stale_after_s)
         except (BecError, psycopg.Error) as exc:
             log.warning("exporter: cannot read task counts from PostgreSQL at %s: %s",
                         self.db_params.describe(), _first_line(exc))
@@ -185,7 +187,7 @@ def families(snap: Snapshot, last_success: float | None) -> list[Any]:
         for name, states in job.queues.items():
             for state, n in states.items():
                 queue.add_metric([job.name, name, state], float(n))
-        for status in jobstore.STATUSES:
+        for status in jobstore.SHOWN_STATUSES:
             tasks.add_metric([job.name, status], float(job.tasks.get(status, 0)))
         images.add_metric([job.name], float(job.images_done))
         errors.add_metric([job.name], float(job.page_errors))

@@ -2,13 +2,13 @@
 
 For a mounted copy of the archive, and for benchmarks that must leave S3's cost out.
 Implements the one call the worker makes on the source bucket, ``get_object``, with
-boto3's shapes (``Body``, ``ETag``, ``ContentLength``; a missing key raises the same
-``ClientError`` code ``NoSuchKey``), so nothing else needs to know.
+boto3's shapes (``Body``, ``ETag`` as S3 computes it for a one-part upload, ``ContentLength``;
+a missing key raises the same ``ClientError`` code ``NoSuchKey``), so nothing else needs to know.
 """
 from __future__ import annotations
 
+import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,12 @@ def local_root(bucket: str) -> Path:
 
 
 class DirectoryS3:
-    def __init__(self, url: str) -> None:
+    """``max_bytes``: a larger file is not read; its answer has its ``ContentLength`` and an
+    empty body, for the caller to refuse (as it refuses S3's before reading the body)."""
+
+    def __init__(self, url: str, max_bytes: int | None = None) -> None:
         self.root = local_root(url)
+        self.max_bytes = max_bytes
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -45,18 +49,30 @@ class DirectoryS3:
     def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
         path = self._path(Key)
         try:
+            size = path.stat().st_size
+            if self.max_bytes is not None and size > self.max_bytes:
+                return {"Body": io.BytesIO(b""), "ETag": '""', "ContentLength": size}
             data = path.read_bytes()
-            stat = os.stat(path)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._missing(Key) from None
-        etag = f'"{stat.st_mtime_ns:x}{stat.st_size:x}"'
-        return {"Body": io.BytesIO(data), "ETag": etag, "ContentLength": len(data)}
+        return {"Body": io.BytesIO(data), "ETag": etag_of(data), "ContentLength": len(data)}
 
 
-def source_client(bucket: str, region: str, **kwargs: Any) -> Any:
+def etag_of(data: bytes) -> str:
+    """What S3 gives an object uploaded in one part: the MD5 of its content, quoted.
+
+    A volume's version is the first six hex digits of its manifest's ETag. Made of the
+    file's mtime (in ns, hex) and size, those digits were the mtime's high bits, which change
+    every ~18 minutes: a manifest rewritten within them kept its version and was skipped as
+    done. A content hash changes with the content, and only with it (a copy of the archive
+    keeps its versions)."""
+    return f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'
+
+
+def source_client(bucket: str, region: str, max_bytes: int | None = None, **kwargs: Any) -> Any:
     """The client to read the archive with: a folder for ``file://``, else S3."""
     if is_local(bucket):
-        return DirectoryS3(bucket)
+        return DirectoryS3(bucket, max_bytes)
     from bec import aws
 
     return aws.client("s3", region, **kwargs)

@@ -3,7 +3,8 @@
 Queue creation is idempotent (an existing queue is reused and its redrive policy set);
 sends go in batches of 10 with the failed entries of a batch sent again; redrive moves
 messages with SQS's own message-move task where the endpoint has it, and falls back to
-receive → send → delete otherwise (at-least-once, like SQS itself).
+receive → send → delete otherwise (at-least-once, like SQS itself; each message at most
+once per run, however fast workers send it back).
 """
 from __future__ import annotations
 
@@ -130,6 +131,8 @@ class MoveReport:
     moved: int = 0
     method: str = "receive/send/delete"
     task_handle: str | None = None
+    left: int = 0  # received but not moved: back in the source already, or a copy of a moved one
+    budget: int = 0  # the most this run would move: the source's depth at the start
 
 
 def start_move_task(sqs_single_try: Any, source_arn: str, dest_arn: str) -> str | None:
@@ -149,44 +152,84 @@ def start_move_task(sqs_single_try: Any, source_arn: str, dest_arn: str) -> str 
 def move_messages(sqs: Any, source_url: str, dest_url: str, *, max_messages: int | None = None,
                   on_progress: Callable[[int], None] | None = None,
                   empty_polls_to_stop: int = 2) -> MoveReport:
-    """Receive → send → delete, in batches of 10.
+    """Receive → send → delete, in batches of 10, each message at most once.
 
     A message is deleted from the source only after the destination accepted it, so an
     interruption can at worst duplicate the messages of one batch (which the idempotent
     worker absorbs), never lose one.
+
+    While workers run, a moved message can fail again and land back in the source before the
+    move ends (a volume without a manifest comes back within a second). Receiving until the
+    source is empty would move it again and again (an operator saw 18 moves of one message),
+    so a run moves at most what the source held when it started, and never a message it has
+    seen already: by MessageId (the ids it received, and those SQS gave the copies it sent,
+    which a redrive policy keeps) or by body (a worker's own DLQ send is a new message with
+    the same body). Those it meets again are left where they are, visible at the end.
     """
     report = MoveReport()
+    report.budget = depth(sqs, source_url)["visible"]
+    if max_messages is not None:
+        report.budget = min(report.budget, max_messages)
+    seen_ids: set[str] = set()
+    moved_bodies: set[str] = set()
+    held: list[str] = []  # receipts of the messages left in the source, hidden until the end
     empty = 0
-    while max_messages is None or report.moved < max_messages:
-        want = BATCH if max_messages is None else min(BATCH, max_messages - report.moved)
-        got = sqs.receive_message(QueueUrl=source_url, MaxNumberOfMessages=want,
-                                  WaitTimeSeconds=1, VisibilityTimeout=60,
-                                  MessageAttributeNames=["All"]).get("Messages", [])
-        if not got:
-            empty += 1
-            if empty >= empty_polls_to_stop:
+    try:
+        while report.moved < report.budget:
+            want = min(BATCH, report.budget - report.moved)
+            got = sqs.receive_message(QueueUrl=source_url, MaxNumberOfMessages=want,
+                                      WaitTimeSeconds=1, VisibilityTimeout=60,
+                                      MessageAttributeNames=["All"]).get("Messages", [])
+            fresh, bodies = [], set()
+            for msg in got:
+                body = msg.get("Body", "")
+                if msg["MessageId"] in seen_ids or body in moved_bodies or body in bodies:
+                    held.append(msg["ReceiptHandle"])
+                else:
+                    fresh.append(msg)
+                    bodies.add(body)
+                seen_ids.add(msg["MessageId"])
+            if not fresh:
+                empty += 1
+                if empty >= empty_polls_to_stop:
+                    break
+                continue
+            empty = 0
+            entries = []
+            for i, msg in enumerate(fresh):
+                entry: dict[str, Any] = {"Id": str(i), "MessageBody": msg["Body"]}
+                if msg.get("MessageAttributes"):
+                    entry["MessageAttributes"] = msg["MessageAttributes"]
+                entries.append(entry)
+            answer = sqs.send_message_batch(QueueUrl=dest_url, Entries=entries)
+            sent = {ok["Id"]: ok.get("MessageId", "") for ok in answer.get("Successful", [])}
+            seen_ids.update(sent.values())
+            to_delete = [{"Id": str(i), "ReceiptHandle": fresh[i]["ReceiptHandle"]}
+                         for i in range(len(fresh)) if str(i) in sent]
+            moved_bodies.update(fresh[i]["Body"] for i in range(len(fresh)) if str(i) in sent)
+            if to_delete:
+                sqs.delete_message_batch(QueueUrl=source_url, Entries=to_delete)
+            report.moved += len(to_delete)
+            if on_progress:
+                on_progress(len(to_delete))
+            if len(to_delete) < len(fresh):
+                # the destination refused some; they stay in the source (visible again later)
                 break
-            continue
-        empty = 0
-        entries = []
-        for i, msg in enumerate(got):
-            entry: dict[str, Any] = {"Id": str(i), "MessageBody": msg["Body"]}
-            if msg.get("MessageAttributes"):
-                entry["MessageAttributes"] = msg["MessageAttributes"]
-            entries.append(entry)
-        answer = sqs.send_message_batch(QueueUrl=dest_url, Entries=entries)
-        sent_ids = {ok["Id"] for ok in answer.get("Successful", [])}
-        to_delete = [{"Id": str(i), "ReceiptHandle": got[i]["ReceiptHandle"]}
-                     for i in range(len(got)) if str(i) in sent_ids]
-        if to_delete:
-            sqs.delete_message_batch(QueueUrl=source_url, Entries=to_delete)
-        report.moved += len(to_delete)
-        if on_progress:
-            on_progress(len(to_delete))
-        if len(to_delete) < len(got):
-            # the destination refused some; they stay in the source (visible again later)
-            break
+    finally:
+        report.left = len(held)
+        _make_visible(sqs, source_url, held)
     return report
+
+
+def _make_visible(sqs: Any, url: str, receipts: list[str]) -> None:
+    """Give back what a move received and left: visible now, not after its 60 s."""
+    for start in range(0, len(receipts), BATCH):
+        try:
+            sqs.change_message_visibility_batch(QueueUrl=url, Entries=[
+                {"Id": str(n), "ReceiptHandle": r, "VisibilityTimeout": 0}
+                for n, r in enumerate(receipts[start:start + BATCH])])
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+            pass  # they become visible by themselves within 60 s
 
 
 def bodies_for_volumes(volumes: Iterable[tuple[str, str]]) -> list[str]:

@@ -105,31 +105,46 @@ def _local_stack(tmp: Path) -> tuple[e2e.Stack, Any, list]:
     return e2e.Stack(env, db, sqs), s3, [close]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ldv1", description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    """Every option with its help and its default (shown by ``--help``)."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ldv1", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # 720 pages keep the worker busy ~25 s on two CPU cores with the small model; at 240 pages
     # (9 s) filling and draining the pipeline was 1 s of the run, and efficiency read 0.82
     # instead of 0.84-0.93 in steady state.
-    ap.add_argument("--pages", type=int, default=720)
-    ap.add_argument("--volumes", type=int, default=12)
+    ap.add_argument("--pages", type=_at_least_one, default=720,
+                    help="pages of the generated corpus (enough to keep the worker busy in steady state)")
+    ap.add_argument("--volumes", type=_at_least_one, default=12, help="volumes the corpus is split into")
     ap.add_argument("--procs", default="1,2", help="comma-separated fetch/decode process counts")
-    ap.add_argument("--model", choices=["null", "small", "ldv1"], default="small")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    ap.add_argument("--batch-tiles", type=int, default=None, help="max_tiles_per_batch")
+    ap.add_argument("--model", choices=["null", "small", "ldv1"], default="small",
+                    help="null: no model (the data plane alone); small: the shipped model; "
+                         "ldv1: the production architecture with random weights")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                    help="the job's precision (fp16 on a CPU runs in fp32)")
+    ap.add_argument("--batch-tiles", type=_at_least_one, default=None,
+                    help="the job's max_tiles_per_batch (unset: the job config's default)")
     ap.add_argument("--infer-procs", type=_at_least_one, default=None,
-                    help="the worker's inference processes (default: its own layout; on a GPU one per device)")
+                    help="the worker's inference processes (unset: its own layout; on a GPU one per device)")
     ap.add_argument("--batches-in-flight", type=int, choices=[0, 1, 2], default=None,
-                    help="the job's batches_in_flight (0 auto: 2 on a GPU, 1 on CPU)")
+                    help="the job's batches_in_flight (0 auto: 2 on a GPU, 1 on CPU; unset: the job's default)")
     ap.add_argument("--source", choices=["s3", "folder"], default="s3",
                     help="serve the corpus from the local stack's S3 (moto) or from a folder")
-    ap.add_argument("--memory", default="", help="e.g. 1000,5000: peak RSS of null-model runs at these sizes")
+    ap.add_argument("--memory", default="",
+                    help="comma-separated corpus sizes, e.g. 1000,5000: peak RSS of null-model runs at each "
+                         "(empty: none)")
     ap.add_argument("--repeat", type=_at_least_one, default=1,
                     help="whole-pipeline runs per process count, taking turns; each reports its median")
-    ap.add_argument("--skip-baselines", action="store_true")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args(argv)
+    ap.add_argument("--skip-baselines", action="store_true",
+                    help="leave out the sequential loop and the DataLoader")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    ap.add_argument("--out", type=Path, default=OUT,
+                    help="work folder: corpus cache, local stack, worker logs")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     from bec.pipeline import heap
 
     heap.keep_freed_memory()  # stages alone and baselines get the heap the worker's processes have
@@ -242,7 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run["ceiling_stage"] = slowest
             run["ceiling_pages_per_s"] = round(limits[slowest], 2)
             run["efficiency"] = round(run["pages_per_s"] / limits[slowest], 3)
-            run["slowest_stage_pages_per_s"] = round(min(v for k, v in limits.items() if k != "cpu budget"), 2)
+            stage = min((k for k in limits if k != "cpu budget"), key=limits.get)
+            run["slowest_stage"] = stage
+            run["slowest_stage_pages_per_s"] = round(limits[stage], 2)
             run["cpu_budget_pages_per_s"] = round(limits["cpu budget"], 2)
             run["decode_only_ratio"] = round(run["pages_per_s"] / decode_p["pages_per_s"], 3)
             if (alone := by_name.get("model alone (device-resident tiles, full batches)")) and alone["tiles_per_s"]:
@@ -287,6 +304,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def _figure(value: float | None, fmt: str = "{:.1f}") -> str:
+    """A measured figure, or "—" for one the stage did not measure (never a made-up 0.0)."""
+    return "—" if value is None else fmt.format(value)
+
+
 def report(results: dict[str, Any]) -> None:
     t = Table(title="Stages alone")
     for col in ("stage", "pages/s", "median ms", "p95 ms", "CPU ms/page", "notes"):
@@ -297,8 +319,8 @@ def report(results: dict[str, Any]) -> None:
                                                                      "procs", "second_pass_share", "dewarped_pages",
                                                                      "post_ms_dewarped", "post_ms_rotated",
                                                                      "post_ms_straight"))
-        t.add_row(escape(s["name"]), f"{s['pages_per_s']:.1f}", f"{s['median_ms']:.1f}", f"{s['p95_ms']:.1f}",
-                  f"{s.get('cpu_ms_per_page', 0):.1f}", notes)
+        t.add_row(escape(s["name"]), f"{s['pages_per_s']:.1f}", _figure(s.get("median_ms")),
+                  _figure(s.get("p95_ms")), _figure(s.get("cpu_ms_per_page")), notes)
     console.print(t)
     if results.get("decoders"):
         console.print("JPEG decoders, ms/page single-threaded: " + ", ".join(
@@ -311,7 +333,9 @@ def report(results: dict[str, Any]) -> None:
         spread = r.get("pages_per_s_runs", [])
         rate = f"{r['pages_per_s']:.2f}" + (f" ({min(spread):.1f}–{max(spread):.1f})" if len(spread) > 1 else "")
         t.add_row(str(r["procs"]), rate, f"{r['ceiling_pages_per_s']:.2f} ({r['ceiling_stage']})",
-                  f"{r['efficiency']:.2f}", f"{r['slowest_stage_pages_per_s']:.2f}",
+                  f"{r['efficiency']:.2f}",
+                  f"{r['slowest_stage']} ({r['slowest_stage_pages_per_s']:.2f})" if "slowest_stage" in r
+                  else f"{r['slowest_stage_pages_per_s']:.2f}",
                   f"{r['cpu_budget_pages_per_s']:.2f}", f"{r['decode_only_ratio']:.2f}",
                   f"{r['tiles_per_s']:.1f}", f"{r['model_alone_ratio']:.2f}" if "model_alone_ratio" in r else "–",
                   f"{r['inference_busy_ratio']:.0%}" + (f" (each of {r['inference_procs']})"

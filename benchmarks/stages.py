@@ -21,18 +21,21 @@ class StageResult:
     seconds: float
     per_page_ms: list[float] = field(default_factory=list, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
-    cpu_s: float = 0.0  # CPU seconds spent (all threads and processes of the stage)
+    cpu_s: float | None = None  # CPU seconds spent (all threads and processes of the stage); None: not measured
 
     @property
     def pages_per_s(self) -> float:
         return self.pages / self.seconds if self.seconds else 0.0
 
     def summary(self) -> dict[str, Any]:
-        ms = np.array(self.per_page_ms) if self.per_page_ms else np.zeros(1)
+        """Figures a stage did not measure (no per-page times, no CPU time) are None, not 0."""
+        ms = np.array(self.per_page_ms) if self.per_page_ms else None
         return {"name": self.name, "pages": self.pages, "seconds": round(self.seconds, 4),
-                "pages_per_s": round(self.pages_per_s, 2), "median_ms": round(float(np.median(ms)), 3),
-                "p95_ms": round(float(np.percentile(ms, 95)), 3),
-                "cpu_ms_per_page": round(1000 * self.cpu_s / self.pages, 3) if self.pages else 0.0,
+                "pages_per_s": round(self.pages_per_s, 2),
+                "median_ms": None if ms is None else round(float(np.median(ms)), 3),
+                "p95_ms": None if ms is None else round(float(np.percentile(ms, 95)), 3),
+                "cpu_ms_per_page": round(1000 * self.cpu_s / self.pages, 3)
+                if self.cpu_s is not None and self.pages else None,
                 **self.extra}
 
 

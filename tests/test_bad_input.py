@@ -319,6 +319,40 @@ def test_decode_good_images(name):
     assert diff.max() <= tolerance, (name, diff.max())
 
 
+def wide_page(name: str) -> bytes:
+    """A 12 Mpx page in a mode that needs arithmetic wider than a byte (or plain gray)."""
+    g = np.random.default_rng(0).integers(0, 255, (3000, 4000)).astype(np.uint8)
+    if name == "gray16.tif":
+        return encode(Image.fromarray(g.astype(np.uint16) * 257), "TIFF")
+    if name == "int32.tif":
+        return encode(Image.fromarray(g.astype(np.int32) << 22, "I"), "TIFF")
+    if name == "float.tif":
+        return encode(Image.fromarray(g.astype(np.float32), "F"), "TIFF")
+    if name == "rgba.png":
+        return encode(Image.fromarray(np.dstack([g, g, g, g])), "PNG", compress_level=1)
+    return encode(Image.fromarray(g), "TIFF")
+
+
+@pytest.mark.parametrize("name", ["gray16.tif", "int32.tif", "float.tif", "rgba.png", "gray.tif"])
+def test_decode_memory_per_pixel_is_bounded(name):
+    """Besides Pillow's own image, decoding costs the result (1 byte a pixel) and one strip.
+    A 16-bit TIFF went through whole-page int64 arrays (and Pillow's whole-page tobytes):
+    about 22 bytes a pixel at the peak (measured RSS), 2.6 GB for a page the pixel limit allows.
+    (tracemalloc sees numpy's and Python's allocations, not Pillow's C buffers.)"""
+    import tracemalloc
+
+    data = wide_page(name)
+    tracemalloc.start()
+    try:
+        decoded = imaging.decode(data, MAX_PIXELS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    pixels = decoded.width * decoded.height
+    assert decoded.gray.shape == (3000, 4000) and decoded.gray.dtype == np.uint8
+    assert peak / pixels < 2.5, f"{name}: {peak / pixels:.1f} bytes a pixel"
+
+
 @pytest.mark.parametrize("name", sorted(bad_images()))
 def test_decode_bad_images(name):
     data, kind, text = bad_images()[name]
@@ -611,3 +645,17 @@ def test_a_100k_page_volume_is_accepted_streamed_and_released(stack):
     row = tasks(stack)[0]
     assert row["status"] == "retryable_failed" and "released" in row["error_reason"]
     assert queue_counts(stack, q["queue"]) == (1, 0)  # visible again at once for another worker
+
+
+def test_a_folder_source_does_not_read_a_file_over_its_limit(tmp_path):
+    """As S3's answer: the length first, for the fetch to refuse before anything is read."""
+    from bec.localarchive import DirectoryS3
+
+    (tmp_path / "big.tif").write_bytes(bytes(1000))
+    (tmp_path / "small.tif").write_bytes(b"II*\x00")
+    folder = DirectoryS3(f"file://{tmp_path}", max_bytes=100)
+    big = folder.get_object(Bucket="x", Key="big.tif")
+    assert big["ContentLength"] == 1000 and big["Body"].read() == b""
+    small = folder.get_object(Bucket="x", Key="small.tif")
+    assert small["Body"].read() == b"II*\x00"
+    assert small["ETag"] == '"' + __import__("hashlib").md5(b"II*\x00").hexdigest() + '"'   # as S3's

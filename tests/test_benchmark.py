@@ -33,6 +33,7 @@ def test_tiny_benchmark_runs_every_part(tmp_path, monkeypatch):
     # two runs, the reported one is the (lower) median of them
     assert len(run["pages_per_s_runs"]) == 2 and run["pages_per_s"] == min(run["pages_per_s_runs"])
     assert 0 < run["efficiency"] and run["pages_per_s"] > 0 and run["peak_pss_mb"] > 0
+    assert run["slowest_stage"] in {"decode", "infer", "post", "parquet"}  # named, not just a rate
     # the worker's job (read back from PostgreSQL) got the benchmark's options
     assert run["device"] == "cpu" and run["job_config"]["max_tiles_per_batch"] == 4
     assert run["job_config"]["batches_in_flight"] == 2

@@ -177,3 +177,33 @@ def test_stats_and_tasks_tables(stack):
     rows = [line for line in limited.splitlines() if line.startswith("│")]
     assert len(rows) == 2 and all("done" in r for r in rows)
     assert "Invalid value for '--status'" in fails("jobs", "tasks", "ldv1", "--status", "weird")
+
+
+def test_two_jobs_on_one_queue_are_warned_and_its_queues_kept(stack):
+    """A second job given the first one's queues is warned; deleting either with
+    --delete-queues is refused while the other uses them (it used to delete them)."""
+    ok("jobs", "create", "--name", "ldv1")
+    row = stack.db.row("SELECT queue_url, dlq_url FROM jobs")
+    result = bec("jobs", "create", "--name", "ldv1-b", "--queue-url", row["queue_url"], "--dlq-url", row["dlq_url"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: job 'ldv1' uses bec_ldv1_tasks too" in result.stderr
+    assert "job 'ldv1' uses bec_ldv1_dlq too" in result.stderr
+    err = fails("jobs", "delete", "ldv1", "--yes", "--delete-queues")
+    assert "job 'ldv1-b' uses bec_ldv1_tasks too: not deleting queues another job needs" in err
+    assert len(stack.sqs.list_queues()["QueueUrls"]) == 2
+    assert stack.db.row("SELECT count(*) AS n FROM jobs")["n"] == 2   # nothing deleted
+    ok("jobs", "delete", "ldv1-b", "--yes")                           # the job alone: fine
+    ok("jobs", "delete", "ldv1", "--yes", "--delete-queues")           # the last user: fine
+    assert stack.sqs.list_queues().get("QueueUrls", []) == []
+
+
+def test_tasks_with_no_rows_says_so(stack):
+    ok("jobs", "create", "--name", "ldv1")
+    out = ok("jobs", "tasks", "ldv1")
+    assert "No task executions yet." in out and "┃" not in out
+    seed_tasks(stack)
+    out = ok("jobs", "tasks", "ldv1", "--status", "terminal_failed")
+    assert "No task executions" not in out
+    stack.db.execute("DELETE FROM task_executions WHERE status = 'terminal_failed'")
+    out = ok("jobs", "tasks", "ldv1", "--status", "terminal_failed")
+    assert "No task executions with status terminal_failed." in out and "┃" not in out

@@ -19,36 +19,80 @@ BEC = str(Path(sys.executable).with_name("bec"))
 
 
 def seed(stack, queued: int = 3) -> None:
-    """ldv1: 200 pages done 2 min ago, 198 pages 10 min ago, 400 pages 2 hours ago; queued volumes."""
+    """ldv1: 200 pages claimed 3 min ago and done 2 min ago, 198 pages 10 min ago, 400 pages
+    2 hours ago; one volume running under a live worker, one (10,000 pages) under a worker
+    killed 3 hours ago; queued volumes."""
     ok("jobs", "create", "--name", "ldv1")
     db = stack.db
-    for n in range(4):
+    db.execute("INSERT INTO workers (worker_name, hostname, job_id) VALUES ('w-live', 'h1', 1)")
+    db.execute("INSERT INTO workers (worker_name, hostname, job_id, last_heartbeat_at) "
+               "VALUES ('w-killed', 'h2', 1, now() - interval '3 hours')")
+    for n in range(5):
         db.execute("INSERT INTO volumes (bdrc_w_id, bdrc_i_id) VALUES ('W22084', %s)", (f"I088{n}",))
     for vol, images, ago in ((1, 200, "2 minutes"), (2, 198, "10 minutes"), (3, 400, "2 hours")):
         db.execute("INSERT INTO task_executions (job_id, volume_id, s3_etag, status, total_images, nb_errors, "
-                   "total_duration_ms, done_at) VALUES (1, %s, 'abc123', 'done', %s, 0, 1000, now() - %s::interval)",
-                   (vol, images, ago))
-    db.execute("INSERT INTO task_executions (job_id, volume_id, s3_etag, status) VALUES (1, 4, 'abc123', 'running')")
+                   "total_duration_ms, started_at, done_at) VALUES (1, %s, 'abc123', 'done', %s, 0, 1000, "
+                   "now() - %s::interval - interval '1 minute', now() - %s::interval)", (vol, images, ago, ago))
+    db.execute("INSERT INTO task_executions (job_id, volume_id, s3_etag, status, worker_id, total_images) "
+               "VALUES (1, 4, 'abc123', 'running', 1, 300), (1, 5, 'abc123', 'running', 2, 10000)")
     url = db.row("SELECT queue_url FROM jobs")["queue_url"]
     for n in range(queued):
         stack.sqs.send_message(QueueUrl=url, MessageBody=f'{{"n": {n}}}')
 
 
+def table_of(out: str) -> dict[str, list[str]]:
+    return {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.splitlines() if line.startswith("│")}
+
+
 def test_watch_shows_the_table_throughput_and_eta(stack):
     seed(stack)
-    out = ok("jobs", "stats", "ldv1", "--watch", "--interval", "0.1", "--iterations", "2")
+    out = ok("jobs", "stats", "ldv1", "--watch", "--interval", "0.1", "--iterations", "1")
     assert out.startswith("Job Statistics: ldv1 (id=1)")
     assert "Task Execution Status" in out and "Overall Totals:" in out
-    table = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-             for line in out.splitlines() if line.startswith("│")}
-    assert table["done"][:2] == ["3", "798"] and table["running"][0] == "1"
-    assert "  Pages/s (last 5 min): 0.67 (1 volumes)" in out        # 200 pages / 300 s
-    assert "  Pages/s (last 15 min): 0.44 (2 volumes)" in out       # 398 pages / 900 s
+    table = table_of(out)
+    assert table["done"][:2] == ["3", "798"] and table["running"][:2] == ["1", "300"]
+    assert table["stalled"][:2] == ["1", "10000"]
+    # The first figure: the pages of the volumes done in the last 5 minutes over the time
+    # since the first of them was claimed (3 min), not over the whole window (0.67 pages/s).
+    assert re.search(r"  Pages/s: 1\.1[01] \(1 volume done in the last 3m 0\ds of work\)", out), out
     assert "  Avg Pages per Volume: 266.0" in out                   # 798 / 3
+    assert "  Workers: 1 live" in out
     assert "  Queue: 3 volumes (3 visible, 0 in flight)" in out
-    # 3 volumes × 266 pages ÷ 0.667 pages/s = 1197 s
-    assert re.search(r"  ETA: 19m 5[67]s \(3 × 266\.0 pages ÷ 0\.67 pages/s\)", out), out
+    # 3 volumes × 266 pages ÷ 1.11 pages/s ≈ 720 s
+    assert re.search(r"  ETA: 1[12]m \d\ds \(3 × 266\.0 pages ÷ 1\.1[01] pages/s\)", out), out
     assert "Ctrl-C to exit" in out
+
+
+def test_watch_measures_between_refreshes(stack):
+    seed(stack)
+    out = ok("jobs", "stats", "ldv1", "--watch", "--interval", "0.1", "--iterations", "3")
+    last = out.split("Throughput:")[-1]
+    # nothing was done between the refreshes: the first figure, barely lowered (0.1 s of 60 s)
+    assert re.search(r"  Pages/s: 1\.1\d \(between refreshes, smoothed over ~60 s\)", last), last
+
+
+def test_smoothed_rate_follows_the_pages_done_between_refreshes():
+    from bec.throughput import SmoothedRate
+
+    rate = SmoothedRate(time_constant_s=60)
+    assert rate.update(1000.0, 5000, first_estimate=0.4) == 0.4 and not rate.measured
+    # 8 pages/s for a minute, one refresh every 5 s, a 40-page volume done every 5 s
+    for k in range(1, 13):
+        rate.update(1000.0 + 5 * k, 5000 + 40 * k)
+    assert rate.measured and 5.0 < rate.rate < 8.0      # 63 % of the way after one time constant
+    for k in range(13, 49):
+        rate.update(1000.0 + 5 * k, 5000 + 40 * k)
+    assert 7.8 < rate.rate <= 8.0
+    # a volume-grained burst moves it a little, not to 200 pages in 5 s = 40 pages/s
+    rate.update(1000.0 + 5 * 49, 5000 + 40 * 48 + 200)
+    assert rate.rate < 11
+    # the workers stopped: it decays towards 0; a deleted task (fewer pages) is no negative rate
+    for k in range(50, 200):
+        rate.update(1000.0 + 5 * k, 5000 + 40 * 48)
+    assert rate.rate < 0.01
+    rate.update(1000.0 + 5 * 200, 0)
+    assert rate.rate >= 0
 
 
 def test_watch_without_recent_work_or_queue(stack):
@@ -58,8 +102,37 @@ def test_watch_without_recent_work_or_queue(stack):
     stack.db.execute("UPDATE task_executions SET done_at = now() - interval '1 day'")
     stack.sqs.send_message(QueueUrl=stack.db.row("SELECT queue_url FROM jobs")["queue_url"], MessageBody="{}")
     out = ok("jobs", "stats", "ldv1", "--watch", "--iterations", "1")
-    assert "  Pages/s (last 5 min): 0.00 (0 volumes)" in out
-    assert "  ETA: - (no volume done in the last 15 minutes)" in out
+    assert "  Pages/s: — (no volume done in the last 5 minutes)" in out, out
+    assert "  Queue: 1 volume (1 visible, 0 in flight)" in out     # not "1 volumes"
+    assert "  ETA: - (no pages done lately)" in out
+
+
+def test_watch_says_when_no_live_worker_serves_the_job(stack):
+    """The workers stopped (or were killed): no ETA, and the view says why. It used to show
+    an ETA from the last five minutes' rate with nobody working."""
+    seed(stack)
+    stack.db.execute("UPDATE workers SET stopped_at = now() WHERE worker_name = 'w-live'")
+    out = ok("jobs", "stats", "ldv1", "--watch", "--iterations", "1")
+    assert "  Workers: none live (no worker of this job heartbeated in the last 60 s)" in out
+    assert "  ETA: - (no live worker serves this job)" in out
+    table = table_of(out)
+    assert table["running"][0] == "0" and table["stalled"][:2] == ["2", "10300"]
+
+
+def test_stats_do_not_count_a_dead_workers_tasks_as_running(stack, monkeypatch):
+    """3 hours after a kill -9 its tasks said "running 2 / 10000 images", and Total Images
+    counted them: they are stalled (nobody's work until taken over), not in Total Images."""
+    seed(stack)
+    out = ok("jobs", "stats", "ldv1")
+    table = table_of(out)
+    assert table["running"][:2] == ["1", "300"] and table["stalled"][:2] == ["1", "10000"]
+    assert list(table) == ["running", "stalled", "done", "retryable_failed", "terminal_failed"]
+    assert "  Total Tasks: 5" in out and "  Total Images: 1098" in out    # 798 done + 300 running
+    # the threshold is the workers' own --stale-after (BEC_STALE_AFTER), or the option
+    out = ok("jobs", "stats", "ldv1", "--stale-after", str(4 * 3600))
+    assert table_of(out)["running"][:2] == ["2", "10300"] and "stalled" not in table_of(out)
+    monkeypatch.setenv("BEC_STALE_AFTER", str(4 * 3600))
+    assert "stalled" not in table_of(ok("jobs", "stats", "ldv1"))
 
 
 def test_plain_stats_unchanged_by_watch_options(stack):
@@ -89,7 +162,7 @@ def test_watch_exits_cleanly_on_ctrl_c(stack):
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Aborted" not in err
-    assert "Task Execution Status" in out and "Pages/s (last 5 min)" in out
+    assert "Task Execution Status" in out and "Pages/s: " in out
 
 
 def put_marker(stack, w: str, i: str, version: str, errors_by_type: dict[str, int]) -> None:

@@ -51,6 +51,18 @@ def test_world_readable_dotenv_warns(stack):
     assert ".env is readable by every user" in result.stderr
 
 
+def test_group_readable_dotenv_warns(stack):
+    """It holds the database password: a shared group (staff, users) reading it is a leak too."""
+    Path(".env").write_text(f"BEC_SQL_DATABASE={stack.db_params.database}\n")
+    Path(".env").chmod(0o640)
+    result = subprocess.run([BEC, "jobs", "list"], capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 0
+    assert ".env is readable by its group; it may hold secrets (chmod 600 .env)" in result.stderr
+    Path(".env").chmod(0o600)
+    result = subprocess.run([BEC, "jobs", "list"], capture_output=True, text=True, env=dict(os.environ))
+    assert "Warning" not in result.stderr
+
+
 def test_unreachable_database_names_host_not_password(stack, monkeypatch):
     monkeypatch.setenv("BEC_SQL_PORT", str(free_port()))
     monkeypatch.setenv("BEC_SQL_PASSWORD", "s3cret-pw")
@@ -113,6 +125,27 @@ def test_workers_list_ages_and_states(stack):
     assert rows["w-live"][2] == "host-a" and rows["w-live"][5].endswith("s ago") and rows["w-live"][7] == "active"
     assert rows["w-stale"][5] == "10m ago" and rows["w-stale"][7] == "stale"
     assert rows["w-done"][7] == "stopped" and rows["w-done"][6] != "-"
+
+
+def test_workers_list_honours_stale_after(stack, monkeypatch):
+    """A worker started with --stale-after 600 (say) is not stale at 90 s; the list used a
+    hard-coded 60 s whatever the fleet's setting."""
+    stack.db.execute("INSERT INTO workers (worker_name, hostname, last_heartbeat_at) "
+                     "VALUES ('w-slow', 'host-a', now() - interval '90 seconds')")
+
+    def state() -> str:
+        line = next(line for line in ok("workers", "list", *args).splitlines() if "w-slow" in line)
+        return line.split("│")[8].strip()
+
+    args: tuple[str, ...] = ()
+    assert state() == "stale"                       # the worker's default: 60 s
+    args = ("--stale-after", "600")
+    assert state() == "active"
+    args = ()
+    monkeypatch.setenv("BEC_STALE_AFTER", "600")    # as the workers are configured
+    assert state() == "active"
+    args = ("--stale-after", "30")
+    assert state() == "stale"
 
 
 def test_help_everywhere_and_version():

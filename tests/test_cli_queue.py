@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -181,3 +182,46 @@ def test_a_missing_queue_is_named(stack, job):
     stack.sqs.delete_queue(QueueUrl=job[0])
     assert "SQS queue bec_ldv1_tasks: " in fails("queue", "enqueue", "--job-name", "ldv1", "--volume", "W1,I1")
     assert "SQS queue bec_ldv1_tasks: " in fails("queue", "purge", "--job-name", "ldv1", "--yes")
+
+
+def test_redrive_leaves_copies_of_a_moved_message(stack, job):
+    """A run moves each message once: a second copy of a body it moved (what a worker's own
+    DLQ send of a bounced message looks like) stays in the source, visible at once."""
+    queue_url, dlq_url = job
+    fill_dlq(stack, dlq_url, 3)
+    queues.send_bodies(stack.sqs, dlq_url, queues.bodies_for_volumes([("W0", "I1")]))
+    out = ok("queue", "redrive", "--job-name", "ldv1")
+    assert "✓ Moved 3 messages" in out
+    assert "1 message came back to bec_ldv1_dlq during the move" in out
+    assert sorted(b["w_id"] for b in drain(stack.sqs, queue_url)) == ["W0", "W1", "W2"]
+    assert [b["w_id"] for b in drain(stack.sqs, dlq_url)] == ["W0"]  # visible now, not in 60 s
+
+
+@pytest.mark.slow
+def test_redrive_moves_a_message_once_while_a_worker_sends_it_back(stack):
+    """The issue's run: a volume without a manifest in the DLQ, a worker running, and a
+    redrive with a generous --max-messages. The worker sends the message back to the DLQ
+    within a second of the move; the move used to take it again until --max-messages (an
+    operator saw "Moved 18 messages" and attempt 18)."""
+    from workerkit import enqueue, queue_counts, setup_job, start_worker
+
+    q = setup_job(stack)
+    enqueue(stack, q["queue"], [("W404", "I404")])
+    worker = start_worker(stack, "--shutdown-after-empty", "0")
+    try:
+        deadline = time.monotonic() + 90
+        while queue_counts(stack, q["dlq"])[0] < 1:  # the worker has sent it to the DLQ once
+            assert time.monotonic() < deadline and worker.process.poll() is None, worker.output
+            time.sleep(0.2)
+        out = ok("queue", "redrive", "--source-queue-url", q["dlq"], "--dest-queue-url", q["queue"],
+                 "--max-messages", "20")
+        assert "✓ Moved 1 message from bec_ldv1_dlq to bec_ldv1_tasks" in out
+        while queue_counts(stack, q["dlq"])[0] < 1:  # ... and a second time, after the move
+            assert time.monotonic() < deadline, worker.output
+            time.sleep(0.2)
+    finally:
+        worker.signal()
+        worker.wait(60)
+    row = stack.db.row("SELECT attempt, status::text AS status FROM task_executions")
+    assert (row["status"], row["attempt"]) == ("terminal_failed", 2)
+    assert queue_counts(stack, q["dlq"]) == (1, 0) and queue_counts(stack, q["queue"]) == (0, 0)

@@ -17,12 +17,23 @@ pytestmark = pytest.mark.slow
 BEC = str(Path(sys.executable).with_name("bec"))
 
 
+def drop_stack_database(home: Path) -> None:
+    """Tests make their own database on the shared server (named after their data folder)."""
+    from bec.devstack import postgres as pgstack
+    from bec.devstack.stack import SHARED_PG, database_name
+
+    shared = pgstack.Server(*SHARED_PG)
+    if shared.answers():
+        pgstack.drop_database(shared, database_name(home))
+
+
 @pytest.fixture
 def dev_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BEC_", "AWS_"))}
     env["BEC_DEV_HOME"] = str(tmp_path / "devhome")
     yield env
     subprocess.run([BEC, "dev", "down"], env=env, capture_output=True)
+    drop_stack_database(tmp_path / "devhome")
 
 
 def test_dev_stack_up_env_status_down(dev_env, tmp_path):
@@ -37,7 +48,10 @@ def test_dev_stack_up_env_status_down(dev_env, tmp_path):
     for line in exports.splitlines():
         key, value = line.removeprefix("export ").split("=", 1)
         env[key] = value.strip("'")
-    assert env["AWS_ENDPOINT_URL"] == url and env["BEC_SQL_DATABASE"] == "bec_dev"
+    # the tests' own database, never the developer's demo database
+    from bec.devstack.stack import database_name
+    assert env["AWS_ENDPOINT_URL"] == url and env["BEC_SQL_DATABASE"] == database_name(tmp_path / "devhome")
+    assert env["BEC_SQL_DATABASE"].startswith("bec_dev_")
     # every command of the guide works against it as written
     created = subprocess.run([BEC, "jobs", "create", "--name", "devcheck"], env=env, capture_output=True, text=True)
     assert created.returncode == 0, created.stderr
@@ -100,3 +114,50 @@ def test_demo_end_to_end(dev_env, tmp_path):
                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Total Tasks: 1" in again.stdout
+
+
+def test_two_checkouts_have_their_own_stacks(tmp_path):
+    """The stack was per user (~/.cache/bec/dev): a second clone's `make demo` reused the first
+    one's moto and replaced its job and task rows, and its `bec dev down` would have stopped the
+    first one's server. Each checkout has its own now; `dev status` reports the shared
+    PostgreSQL on 5432 even where this checkout has no stack."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    checkouts = []
+    for name in ("clone-a", "clone-b"):
+        clone = tmp_path / name
+        shutil.copytree(root / "bec", clone / "bec", ignore=shutil.ignore_patterns("__pycache__", "weights"))
+        shutil.copy(root / "pyproject.toml", clone / "pyproject.toml")
+        checkouts.append(clone)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BEC_", "AWS_"))}
+    base["HOME"] = str(tmp_path / "home")  # one user for both clones
+
+    def dev(clone: Path, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "bec", "dev", *args], capture_output=True, text=True,
+                              env={**base, "PYTHONPATH": str(clone)}, cwd=clone, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    a, b = checkouts
+    try:
+        assert "moto: down (not started by this checkout)" in dev(b, "status")
+        assert re.search(r"postgres: up at 127\.0\.0\.1:5432 \(the shared local server", dev(b, "status"))
+        url_a = re.search(r"moto: up at (\S+)", dev(a, "up")).group(1)
+        url_b = re.search(r"moto: up at (\S+)", dev(b, "up")).group(1)
+        assert url_a != url_b
+        env_a, env_b = dev(a, "env"), dev(b, "env")
+        db_a = re.search(r"BEC_SQL_DATABASE=(\S+)", env_a).group(1)
+        db_b = re.search(r"BEC_SQL_DATABASE=(\S+)", env_b).group(1)
+        assert db_a != db_b
+        assert (a / ".bec-dev" / "state.json").is_file() and (b / ".bec-dev" / "state.json").is_file()
+        assert not (tmp_path / "home" / ".cache" / "bec").exists()
+        # b's down stops b's server only
+        assert "stopped moto" in dev(b, "down")
+        assert f"moto: up at {url_a}" in dev(a, "status")
+        assert "moto: down" in dev(b, "status")
+    finally:
+        for clone in checkouts:
+            subprocess.run([sys.executable, "-m", "bec", "dev", "down"], capture_output=True,
+                           env={**base, "PYTHONPATH": str(clone)}, cwd=clone, timeout=60)
+            drop_stack_database(clone / ".bec-dev")

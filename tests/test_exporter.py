@@ -29,15 +29,19 @@ def seed(stack) -> dict[str, dict[str, str]]:
     ok("jobs", "create", "--name", "ocr")
     urls = {r["name"]: r for r in stack.db.rows("SELECT name, queue_url, dlq_url FROM jobs")}
     db = stack.db
-    for n in range(7):
+    for n in range(8):
         db.execute("INSERT INTO volumes (bdrc_w_id, bdrc_i_id) VALUES ('W22084', %s)", (f"I088{n}",))
-    rows = [  # volume, status, images, errors
-        (1, "done", 200, 2), (2, "done", 198, 0), (3, "done", 50, 5),
-        (4, "retryable_failed", 150, 15), (5, "terminal_failed", 0, 0), (6, "running", 120, None),
+    db.execute("INSERT INTO workers (worker_name, hostname, job_id) VALUES ('w-live', 'h1', 1)")
+    db.execute("INSERT INTO workers (worker_name, hostname, job_id, last_heartbeat_at) "
+               "VALUES ('w-killed', 'h2', 1, now() - interval '3 hours')")
+    rows = [  # volume, status, images, errors, worker
+        (1, "done", 200, 2, None), (2, "done", 198, 0, None), (3, "done", 50, 5, None),
+        (4, "retryable_failed", 150, 15, None), (5, "terminal_failed", 0, 0, None), (6, "running", 120, None, 1),
+        (8, "running", 10000, None, 2),  # under a worker killed 3 hours ago: stalled
     ]
-    for vol, status, images, errors in rows:
-        db.execute("INSERT INTO task_executions (job_id, volume_id, s3_etag, status, total_images, nb_errors) "
-                   "VALUES (1, %s, 'abc123', %s, %s, %s)", (vol, status, images, errors))
+    for vol, status, images, errors, worker in rows:
+        db.execute("INSERT INTO task_executions (job_id, volume_id, s3_etag, status, total_images, nb_errors, "
+                   "worker_id) VALUES (1, %s, 'abc123', %s, %s, %s, %s)", (vol, status, images, errors, worker))
     db.execute("INSERT INTO task_executions (job_id, volume_id, s3_etag, status, total_images, nb_errors) "
                "VALUES (2, 7, 'abc123', 'done', 10, 1)")
     sqs = stack.sqs
@@ -70,6 +74,7 @@ def expected_ldv1() -> dict[tuple[str, tuple], float]:
     return {
         key("bec_job_tasks", job="ldv1", status="done"): 3,
         key("bec_job_tasks", job="ldv1", status="running"): 1,
+        key("bec_job_tasks", job="ldv1", status="stalled"): 1,
         key("bec_job_tasks", job="ldv1", status="retryable_failed"): 1,
         key("bec_job_tasks", job="ldv1", status="terminal_failed"): 1,
         key("bec_job_images_done", job="ldv1"): 448,
@@ -80,6 +85,7 @@ def expected_ldv1() -> dict[tuple[str, tuple], float]:
         key("bec_job_queue_messages", job="ldv1", queue="dlq", state="in_flight"): 0,
         key("bec_job_tasks", job="ocr", status="done"): 1,
         key("bec_job_tasks", job="ocr", status="running"): 0,
+        key("bec_job_tasks", job="ocr", status="stalled"): 0,
         key("bec_job_images_done", job="ocr"): 10,
         key("bec_job_page_errors", job="ocr"): 1,
         key("bec_job_queue_messages", job="ocr", queue="tasks", state="visible"): 0,
@@ -94,16 +100,21 @@ def test_values_match_database_and_queues_and_are_cached(stack):
         got = samples_of(exporter.collect())
         for k, v in expected_ldv1().items():
             assert got.get(k) == v, (k, got.get(k))
-        assert len([k for k in got if k[0] == "bec_job_tasks"]) == 8  # 2 jobs × 4 statuses
+        assert len([k for k in got if k[0] == "bec_job_tasks"]) == 10  # 2 jobs × 5 statuses
         assert got[key("bec_exporter_last_success_timestamp_seconds")] == pytest.approx(time.time(), abs=60)
         # within the interval a scrape costs nothing: the values are the cached ones
-        stack.db.execute("UPDATE task_executions SET status = 'done' WHERE status = 'running'")
+        stack.db.execute("UPDATE task_executions SET status = 'done' WHERE status = 'running' AND worker_id = 1")
         assert samples_of(exporter.collect())[key("bec_job_tasks", job="ldv1", status="running")] == 1
         exporter.interval = 0
         again = samples_of(exporter.collect())
         assert again[key("bec_job_tasks", job="ldv1", status="running")] == 0
         assert again[key("bec_job_tasks", job="ldv1", status="done")] == 4
         assert again[key("bec_job_images_done", job="ldv1")] == 568
+        # the stale threshold is the workers' (--stale-after): at 4 hours the killed one is alive
+        exporter.stale_after_s = 4 * 3600
+        again = samples_of(exporter.collect())
+        assert again[key("bec_job_tasks", job="ldv1", status="running")] == 1
+        assert again[key("bec_job_tasks", job="ldv1", status="stalled")] == 0
     finally:
         exporter.close()
 
@@ -140,10 +151,17 @@ def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=15).read().decode()
 
 
+def listening_addresses(pid: int, port: int) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
 def test_exporter_command_serves_the_values_and_passes_promtool(stack):
     seed(stack)
     port = free_port()
-    proc = subprocess.Popen([BEC, "exporter", "--port", str(port), "--addr", "127.0.0.1", "--interval", "1"],
+    proc = subprocess.Popen([BEC, "exporter", "--port", str(port), "--interval", "1"],  # default --addr
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **stack.env}, cwd=stack.workdir)
     try:
@@ -158,6 +176,8 @@ def test_exporter_command_serves_the_values_and_passes_promtool(stack):
         got = samples_of(text_string_to_metric_families(text))
         for k, v in expected_ldv1().items():
             assert got.get(k) == v, (k, got.get(k))
+        # by default it listens on this host only (it listened on every address)
+        assert listening_addresses(proc.pid, port) == {"127.0.0.1"}
         # no DB or SQS round trip per scrape; after the interval a new refresh is seen
         stack.sqs.send_message(QueueUrl=stack.db.row("SELECT dlq_url FROM jobs WHERE name = 'ldv1'")["dlq_url"],
                                MessageBody="x")

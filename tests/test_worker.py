@@ -298,3 +298,77 @@ def test_cpu_inference_layout_replicas_per_core():
     assert cpu_inference_layout(model, 4, threads=2) == (2, 2)
     assert cpu_inference_layout("null", 16) == (1, 1)
     assert cpu_inference_layout("null", 16, procs=2) == (2, 1)
+
+
+def test_image_files_over_max_image_bytes_are_refused_before_they_are_read(stack):
+    """A fetch thread held the whole object before anything looked at it (a 2 GB file, 2 GB a
+    thread). Now the manifest's size refuses a page without a GET, the GET's Content-Length
+    before its body is read; both are error rows (fetch/too_large) and the volume goes on."""
+    from faultproxy import FaultProxy
+
+    q = setup_job(stack, {"max_error_ratio": 1.0, "max_image_bytes": 400_000})
+    (w, i), = add_volumes(stack, 1, pages=1, kinds=["jpeg_gray"])
+    prefix = volume_prefix(w, i)
+    entries = manifest(stack, w, i)
+    good = stack.s3.get_object(Bucket=SOURCE_BUCKET, Key=prefix + entries[0]["filename"])["Body"].read()
+    assert len(good) < 400_000
+    stack.s3.put_object(Bucket=SOURCE_BUCKET, Key=prefix + "listed_big.jpg", Body=good)
+    stack.s3.put_object(Bucket=SOURCE_BUCKET, Key=prefix + "big.jpg", Body=good + bytes(500_000))
+    entries += [{"filename": "listed_big.jpg", "width": 10, "height": 10, "size": 3_000_000},
+                {"filename": "big.jpg", "width": 10, "height": 10}]
+    put_manifest(stack.s3, SOURCE_BUCKET, w, i, entries)
+    enqueue(stack, q["queue"], [(w, i)])
+    gets: list[str] = []
+    proxy = FaultProxy(stack.moto.url, lambda method, path: gets.append(path) if method == "GET" else False)
+    try:
+        run_worker(stack, env={"AWS_ENDPOINT_URL_S3": proxy.url})
+    finally:
+        proxy.close()
+    _, pages = assert_volume_done(stack, w, i, 3)
+    by_name = {p["img_file_name"]: p for p in pages}
+    assert by_name[entries[0]["filename"]]["ok"]
+    listed, big = by_name["listed_big.jpg"], by_name["big.jpg"]
+    assert (listed["ok"], listed["error_stage"], listed["error_type"]) == (False, "fetch", "too_large")
+    assert "is 3,000,000 bytes (by the manifest), over the limit of 400,000 (max_image_bytes)" in listed["error_message"]
+    assert (big["ok"], big["error_stage"], big["error_type"]) == (False, "fetch", "too_large")
+    assert "bytes (its Content-Length)" in big["error_message"]
+    assert not any(p.endswith("listed_big.jpg") for p in gets)   # never fetched
+    assert any(p.endswith("/big.jpg") for p in gets)
+
+
+def test_a_rewritten_manifest_in_a_folder_source_is_a_new_version(stack, tmp_path):
+    """With --s3-source-bucket file://…, the version came from the file's mtime (ns, hex) and
+    size: its first six digits change every ~18 minutes, so a manifest rewritten within them
+    (same size) kept its version and the volume was skipped as done. It is the content's MD5
+    now, as S3's ETag is."""
+    from bec.archive import read_manifest
+    from bec.devstack.volumes import manifest_bytes
+    from bec.localarchive import DirectoryS3
+    from workerkit import link_folder_volume
+
+    root = tmp_path / "archive"
+    root.mkdir()
+    original = root / "page.jpg"
+    from bec.devstack.volumes import render
+    import numpy as np
+    data, page = render("jpeg_gray", np.random.default_rng(3))
+    original.write_bytes(data)
+    link_folder_volume(root, "W1", "I1", [(original, "jpg", page.image.shape)], 2)
+    q = setup_job(stack)
+    source = f"file://{root}"
+    enqueue(stack, q["queue"], [("W1", "I1")])
+    run_worker(stack, "--s3-source-bucket", source)
+    path = root / volume_prefix("W1", "I1") / "dimensions.json"
+    first = read_manifest(DirectoryS3(source), source, "W1", "I1").version
+    stat = path.stat()
+    entries = json.loads(__import__("gzip").decompress(path.read_bytes()))
+    entries[0], entries[1] = entries[1], entries[0]            # same size, other content
+    path.write_bytes(manifest_bytes(entries))
+    import os
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+    second = read_manifest(DirectoryS3(source), source, "W1", "I1").version
+    assert second != first
+    enqueue(stack, q["queue"], [("W1", "I1")])
+    run_worker(stack, "--s3-source-bucket", source)
+    rows = tasks(stack)
+    assert sorted((r["s3_etag"], r["status"]) for r in rows) == sorted([(first, "done"), (second, "done")])

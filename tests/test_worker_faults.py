@@ -60,22 +60,26 @@ def test_kill_9_of_a_child_mid_volume(stack, role):
     assert queue_counts(stack, q["queue"]) == (0, 0)
 
 
-def test_kill_9_of_the_supervisor_leaves_no_orphans_and_work_is_taken_over(stack):
+def test_kill_9_of_the_supervisor_leaves_no_orphans_and_work_is_taken_over(stack, tmp_path):
     q = setup_job(stack)
     vols = add_volumes(stack, 3, pages=12)
     enqueue(stack, q["queue"], vols)
-    run = start_worker(stack, "--visibility-timeout", "4")
+    tmp = {"TMPDIR": str(tmp_path)}  # where the workers' metrics folders go
+    run = start_worker(stack, "--visibility-timeout", "4", env=tmp)
     kids = run.wait_children(["controller", "fetch-0", "infer-0", "post-0"])
     run.wait_for("Processing message", timeout=60)
     run.process.kill()
     run.process.wait(10)
     gone, alive = psutil.wait_procs(list(kids.values()), timeout=5)
     assert not alive, f"orphans: {alive}"
+    left = list(tmp_path.glob(f"bec-metrics-{run.process.pid}-*"))
+    assert len(left) == 1 and any(left[0].glob("*.db"))  # nobody could clean it up ...
     # a second worker takes the volumes over once the first one's heartbeat is stale
-    second = run_worker(stack, "--stale-after", "6", "--shutdown-after-empty", "12")
+    second = run_worker(stack, "--stale-after", "6", "--shutdown-after-empty", "12", env=tmp)
     rows = assert_all_done_once(stack, vols, 12)
     assert {r["worker_id"] for r in rows} <= {1, 2}
     assert "Processing message" in second.output
+    assert not list(tmp_path.glob("bec-metrics-*"))  # ... until the next start (and its own at its end)
 
 
 def test_sigterm_drains_and_exits_0(stack):
@@ -262,4 +266,34 @@ def test_a_signal_while_the_controller_restarts_still_drains(stack):
     assert time.monotonic() - started < 25, run.output
     assert "did not finish within the grace period" not in run.output
     assert "Worker completed successfully (drained)" in run.output, run.output
+    assert queue_counts(stack, q["queue"]) == (0, 0)
+
+
+def test_shutdown_after_empty_waits_for_a_message_in_back_off(stack):
+    """A retried volume's message is hidden for its back-off; the polls meanwhile are empty.
+    A worker run with --shutdown-after-empty counted them and exited, and the message came
+    back to a queue nobody polled. Now it waits for it (every page GET answers S3's 500 on the
+    first attempt, through a proxy; botocore's retries are spent; the volume is retried)."""
+    from faultproxy import FaultProxy
+
+    q = setup_job(stack)
+    vols = add_volumes(stack, 1, pages=2)
+    enqueue(stack, q["queue"], vols)
+    failing = [True]
+    proxy = FaultProxy(stack.moto.url, lambda method, path: failing[0] and method == "GET"
+                       and "/images/" in path and not path.endswith("dimensions.json"))
+    try:
+        run = start_worker(stack, "--retry-delay", "5", env={"AWS_ENDPOINT_URL_S3": proxy.url})
+        deadline = time.monotonic() + 150
+        while not stack.db.row("SELECT 1 AS x FROM task_executions WHERE status = 'retryable_failed'"):
+            assert time.monotonic() < deadline and run.process.poll() is None, run.output
+            time.sleep(0.1)
+        failing[0] = False
+        assert run.wait(120) == 0, run.output
+    finally:
+        proxy.close()
+    assert proxy.failed >= 2
+    assert "waiting for it before counting empty polls" in run.output
+    rows = assert_all_done_once(stack, vols, 2)
+    assert rows[0]["attempt"] == 2
     assert queue_counts(stack, q["queue"]) == (0, 0)

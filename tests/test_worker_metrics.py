@@ -31,11 +31,14 @@ def test_metrics_endpoint_aggregates_children(stack):
     vols = add_volumes(stack, 2, pages=4)
     enqueue(stack, q["queue"], vols)
     port = free_port()
-    run = start_worker(stack, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
-                       "--shutdown-after-empty", "0")
+    run = start_worker(stack, "--metrics-port", str(port), "--shutdown-after-empty", "0")  # default address
     try:
         for _ in range(2):
             run.wait_for("Successfully processed", timeout=90)
+        # by default the endpoint listens on this host only (it listened on every address)
+        from test_exporter import listening_addresses
+        assert listening_addresses(run.process.pid, port) == {"127.0.0.1"}
+        assert f"Metrics: http://127.0.0.1:{port}/metrics" in run.output
         import time
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

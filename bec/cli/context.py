@@ -84,3 +84,23 @@ def valid_job_name(_ctx: click.Context, _param: click.Parameter, value: str | No
     """Click callback: a job name is checked while the command line is parsed, before any
     service is contacted or anything is created."""
     return None if value is None else check_job_name(value)
+
+
+def stale_after_setting(app: AppContext, option: float | None) -> float:
+    """When a worker counts as dead for the commands that show workers and tasks: the option,
+    else ``BEC_STALE_AFTER`` (the worker's own setting), else the worker's default."""
+    from bec.errors import BadInput
+    from bec.jobs import STALE_AFTER_S
+
+    if option is not None:
+        return option
+    raw = app.settings.get("BEC_STALE_AFTER")
+    if raw is None:
+        return STALE_AFTER_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadInput(f"BEC_STALE_AFTER must be a number of seconds, got {raw!r}") from None
+    if value < 1:
+        raise BadInput(f"BEC_STALE_AFTER must be at least 1 second, got {raw!r}")
+    return value

@@ -36,13 +36,13 @@ def env() -> None:
 
 @command.command("status")
 def status() -> None:
-    """Is the local stack up?"""
+    """Is this checkout's local stack up? (The shared PostgreSQL on 5432 is reported either way.)"""
     for name, text in stack.status().items():
         out.print(f"{name}: {text}")
 
 
 @command.command("down")
 def down() -> None:
-    """Stop what `bec dev up` started (a shared local PostgreSQL is left alone)."""
+    """Stop what this checkout's `bec dev up` started (a shared local PostgreSQL is left alone)."""
     done = stack.down()
     out.print("\n".join(done) if done else "nothing was running")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from bec.cli.context import AppContext, pass_app
+from bec.cli.context import AppContext, pass_app, stale_after_setting
 from bec.errors import BadInput
 
 log = logging.getLogger("bec.exporter")
@@ -17,12 +17,18 @@ log = logging.getLogger("bec.exporter")
 @click.command("exporter")
 @click.option("--port", type=click.IntRange(0, 65535), default=9109, show_default=True,
               help="Port of the /metrics endpoint (0 = any free port).")
-@click.option("--addr", default="0.0.0.0", show_default=True, help="Address the endpoint listens on.")
+@click.option("--addr", default="127.0.0.1", show_default=True,
+              help="Address the endpoint listens on: 127.0.0.1 is this host only; 0.0.0.0 (or the "
+                   "host's address) for a Prometheus on another host.")
 @click.option("--interval", type=click.FloatRange(0.1), default=15.0, show_default=True,
               help="Seconds a refresh of the values is reused (scrapes within it cost nothing).")
+@click.option("--stale-after", type=click.FloatRange(1), default=None,
+              help="Seconds without a heartbeat after which a worker counts as dead: its running "
+                   "tasks are exported as stalled [default: 60, as the worker's; env BEC_STALE_AFTER].")
 @click.option("--log-json", is_flag=True, help="Log JSON lines (for CloudWatch).")
 @pass_app
-def command(app: AppContext, port: int, addr: str, interval: float, log_json: bool) -> None:
+def command(app: AppContext, port: int, addr: str, interval: float, stale_after: float | None,
+            log_json: bool) -> None:
     """Export every job's queue depth, DLQ and task counts for Prometheus."""
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -37,7 +43,8 @@ def command(app: AppContext, port: int, addr: str, interval: float, log_json: bo
     db_params = settings.db_params()  # a missing setting is an operator error: say it now
     region = app.region
     collector = JobExporter(db_params, lambda: aws.client("sqs", region, max_attempts=2, read_timeout=10),
-                            interval=interval, connect_timeout=3.0)
+                            interval=interval, connect_timeout=3.0,
+                            stale_after_s=stale_after_setting(app, stale_after))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     try:

@@ -16,10 +16,11 @@ from rich.table import Table
 from rich.text import Text
 
 from bec import aws, jobs as jobstore, queues
-from bec.cli.context import AppContext, err, out, pass_app, valid_job_name
+from bec.cli.context import AppContext, err, out, pass_app, stale_after_setting, valid_job_name
 from bec.errors import BadInput, BecError, Unavailable
 from bec.ids import check_job_name, queue_names
 from bec.jobkinds import validate_config
+from bec.throughput import TIME_CONSTANT_S, SmoothedRate
 
 
 @click.group()
@@ -83,6 +84,9 @@ def create(app: AppContext, name: str, config_file: str | None, config_text: str
             out.print(f"✓ {'Created' if pair.created_dlq else 'Reused'} DLQ: {dlq_url}")
     job = jobstore.insert(db, name, config, queue_url, dlq_url)
     out.print(f"✓ Created job: id={job.id}, name={job.name}")
+    for other, url in jobstore.sharing_queues(db, (queue_url, dlq_url), except_id=job.id):
+        err.print(f"Warning: job {other!r} uses {queues.queue_name_of(url)} too: the two jobs' "
+                  "workers take each other's messages (give each job its own queues)", markup=False)
 
 
 @jobs.command("list")
@@ -136,6 +140,10 @@ def update(app: AppContext, name: str, config_file: str | None, config_text: str
 def delete(app: AppContext, name: str, yes: bool, delete_queues: bool) -> None:
     """Delete a job and its task history (queues only with --delete-queues)."""
     job = jobstore.get(app.db, name)
+    if delete_queues:
+        for other, url in jobstore.sharing_queues(app.db, (job.queue_url, job.dlq_url), except_id=job.id):
+            raise BadInput(f"job {other!r} uses {queues.queue_name_of(url)} too: not deleting queues "
+                           f"another job needs (delete job {name!r} without --delete-queues)")
     if not yes:
         what = " and its SQS queues" if delete_queues else ""
         click.confirm(f"Delete job '{name}' (id={job.id}), its task history{what}?", abort=True)
@@ -153,19 +161,19 @@ def _ms(value: Any) -> str:
     return f"{float(value):.2f}" if value else "0"
 
 
-def _status_table(db: Any, job: jobstore.Job) -> Table:
+def _status_table(db: Any, job: jobstore.Job, stale_after_s: float) -> Table:
     table = Table(title="Task Execution Status")
     table.add_column("Status")
     for column in ("Count", "Total Images", "Total Errors", "Avg Duration (ms)"):
         table.add_column(column, justify="right")
-    for row in jobstore.status_stats(db, job.id):
+    for row in jobstore.status_stats(db, job.id, stale_after_s):
         table.add_row(row["status"], str(row["count"]), str(row["total_images"]),
                       str(row["total_errors"]), _ms(row["avg_duration_ms"]))
     return table
 
 
-def _totals_lines(db: Any, job: jobstore.Job) -> list[str]:
-    total = jobstore.overall_stats(db, job.id)
+def _totals_lines(db: Any, job: jobstore.Job, stale_after_s: float) -> list[str]:
+    total = jobstore.overall_stats(db, job.id, stale_after_s)
     return ["Overall Totals:",
             f"  Total Tasks: {total['total_tasks']}",
             f"  Total Images: {total['total_images']}",
@@ -181,19 +189,24 @@ def _totals_lines(db: Any, job: jobstore.Job) -> list[str]:
               help="Seconds between refreshes with --watch.")
 @click.option("--iterations", type=click.IntRange(1), default=None, hidden=True,
               help="Stop --watch after this many refreshes (for tests).")
+@click.option("--stale-after", type=click.FloatRange(1), default=None,
+              help="Seconds without a heartbeat after which a worker counts as dead: its running "
+                   "tasks show as stalled [default: 60, as the worker's; env BEC_STALE_AFTER].")
 @pass_app
-def stats(app: AppContext, name: str, watch: bool, interval: float, iterations: int | None) -> None:
+def stats(app: AppContext, name: str, watch: bool, interval: float, iterations: int | None,
+          stale_after: float | None) -> None:
     """Task counts, images, errors and durations by status."""
     db = app.db
     job = jobstore.get(db, name)
+    stale_after_s = stale_after_setting(app, stale_after)
     if watch:
-        _watch_stats(app, job, interval, iterations)
+        _watch_stats(app, job, interval, iterations, stale_after_s)
         return
     out.print(f"Job Statistics: {job.name} (id={job.id})")
     out.print()
-    out.print(_status_table(db, job))
+    out.print(_status_table(db, job, stale_after_s))
     out.print()
-    for line in _totals_lines(db, job):
+    for line in _totals_lines(db, job, stale_after_s):
         out.print(line)
 
 
@@ -209,41 +222,56 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
-def progress_lines(rate: dict[str, Any], depth: dict[str, int] | None, depth_error: str | None = None) -> list[str]:
-    """Throughput over 5 and 15 minutes and the ETA of the queued volumes."""
-    per_5 = float(rate.get("pages_per_s_5m") or 0)
-    per_15 = float(rate.get("pages_per_s_15m") or 0)
-    avg_pages = float(rate.get("avg_pages_per_volume") or 0)
-    lines = ["Throughput:",
-             f"  Pages/s (last 5 min): {per_5:.2f} ({rate.get('volumes_5m', 0)} volumes)",
-             f"  Pages/s (last 15 min): {per_15:.2f} ({rate.get('volumes_15m', 0)} volumes)",
-             f"  Avg Pages per Volume: {avg_pages:.1f}"]
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def progress_lines(sample: dict[str, Any], rate: SmoothedRate, live_workers: int, stale_after_s: float,
+                   depth: dict[str, int] | None, depth_error: str | None = None) -> list[str]:
+    """Pages/s (between refreshes, smoothed), live workers, the queue and its ETA."""
+    avg_pages = float(sample.get("avg_pages_per_volume") or 0)
+    recent = int(sample.get("recent_volumes") or 0)
+    if rate.rate is None:
+        speed = f"— (no volume done in the last {jobstore.RECENT_S // 60} minutes)"
+    elif rate.measured:
+        speed = f"{rate.rate:.2f} (between refreshes, smoothed over ~{TIME_CONSTANT_S:.0f} s)"
+    else:
+        speed = (f"{rate.rate:.2f} ({_plural(recent, 'volume')} done in the last "
+                 f"{_duration(float(sample.get('recent_span_s') or 0))} of work)")
+    lines = ["Throughput:", f"  Pages/s: {speed}", f"  Avg Pages per Volume: {avg_pages:.1f}"]
+    if live_workers:
+        lines.append(f"  Workers: {live_workers} live")
+    else:
+        lines.append(f"  Workers: none live (no worker of this job heartbeated in the last {stale_after_s:g} s)")
     if depth is None:
         lines.append(f"  Queue: unavailable ({depth_error or 'unknown error'})")
         lines.append("  ETA: -")
         return lines
     queued = depth["visible"] + depth["in_flight"]
-    lines.append(f"  Queue: {queued} volumes ({depth['visible']} visible, {depth['in_flight']} in flight)")
-    per_s = per_5 or per_15
+    lines.append(f"  Queue: {_plural(queued, 'volume')} ({depth['visible']} visible, {depth['in_flight']} in flight)")
+    per_s = rate.rate or 0.0
     if queued == 0:
         lines.append("  ETA: done (queue empty)")
+    elif not live_workers:
+        lines.append("  ETA: - (no live worker serves this job)")
     elif per_s <= 0 or avg_pages <= 0:
-        lines.append("  ETA: - (no volume done in the last 15 minutes)")
+        lines.append("  ETA: - (no pages done lately)")
     else:
         lines.append(f"  ETA: {_duration(queued * avg_pages / per_s)} "
                      f"({queued} × {avg_pages:.1f} pages ÷ {per_s:.2f} pages/s)")
     return lines
 
 
-def _watch_view(app: AppContext, job: jobstore.Job, interval: float) -> Any:
+def _watch_view(app: AppContext, job: jobstore.Job, interval: float, rate: SmoothedRate,
+                stale_after_s: float) -> Any:
     from rich.console import Group
 
     from bec.exporter import queue_depth
 
     db = app.db
     parts: list[Any] = [Text(f"Job Statistics: {job.name} (id={job.id})"), Text(""),
-                        _status_table(db, job), Text("")]
-    parts += [Text(line) for line in _totals_lines(db, job)]
+                        _status_table(db, job, stale_after_s), Text("")]
+    parts += [Text(line) for line in _totals_lines(db, job, stale_after_s)]
     depth: dict[str, int] | None = None
     why = None
     try:
@@ -251,15 +279,21 @@ def _watch_view(app: AppContext, job: jobstore.Job, interval: float) -> Any:
             depth = queue_depth(app.sqs, job.queue_url)
     except BecError as exc:
         why = str(exc)
+    sample = jobstore.progress_sample(db, job.id)
+    span = float(sample.get("recent_span_s") or 0)
+    first = float(sample["recent_pages"]) / span if span > 0 and sample.get("recent_volumes") else None
+    rate.update(float(sample["at"]), float(sample["pages_done"]), first)
+    live = jobstore.live_workers(db, job.id, stale_after_s)
     parts.append(Text(""))
-    parts += [Text(line) for line in progress_lines(jobstore.throughput(db, job.id), depth, why)]
+    parts += [Text(line) for line in progress_lines(sample, rate, live, stale_after_s, depth, why)]
     parts.append(Text(""))
     parts.append(Text(f"Updated {time.strftime('%H:%M:%S')}, every {interval:g}s — Ctrl-C to exit",
                       style="dim"))
     return Group(*parts)
 
 
-def _watch_stats(app: AppContext, job: jobstore.Job, interval: float, iterations: int | None) -> None:
+def _watch_stats(app: AppContext, job: jobstore.Job, interval: float, iterations: int | None,
+                 stale_after_s: float) -> None:
     """Redraw until Ctrl-C. Ctrl-C is how a watch ends, so it only sets a flag: raised as
     KeyboardInterrupt it could land inside the database pool or an HTTP call and leave a lock
     held (a CI run saw the command hang there). A second Ctrl-C interrupts at once."""
@@ -275,12 +309,13 @@ def _watch_stats(app: AppContext, job: jobstore.Job, interval: float, iterations
     main_thread = threading.current_thread() is threading.main_thread()  # signals reach only it
     previous = signal.signal(signal.SIGINT, on_ctrl_c) if main_thread else None
     try:
-        with Live(_watch_view(app, job, interval), console=out, auto_refresh=False,
+        rate = SmoothedRate()
+        with Live(_watch_view(app, job, interval, rate, stale_after_s), console=out, auto_refresh=False,
                   redirect_stdout=False, redirect_stderr=False) as live:
             done = 1
             while (iterations is None or done < iterations) and not stop.wait(interval):
                 try:
-                    view = _watch_view(app, job, interval)
+                    view = _watch_view(app, job, interval, rate, stale_after_s)
                 except Unavailable as exc:  # the database blinked: keep the last view, say so
                     err.print(f"Warning: {exc}")
                     continue
@@ -322,7 +357,11 @@ def tasks(app: AppContext, name: str, limit: int, status: str | None) -> None:
     for column in ("Images", "Errors", "Duration (s)"):
         table.add_column(column, justify="right")
     table.add_column("Worker")
-    for row in jobstore.recent_tasks(db, job.id, limit, status):
+    rows = jobstore.recent_tasks(db, job.id, limit, status)
+    if not rows:
+        out.print(f"No task executions with status {status}." if status else "No task executions yet.")
+        return
+    for row in rows:
         running = row["status"] == "running"
         duration = None if running or row["total_duration_ms"] is None else row["total_duration_ms"] / 1000
         table.add_row(str(row["id"]), _volume_label(row["w_id"], row["i_id"]), row["status"],

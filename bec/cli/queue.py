@@ -169,3 +169,7 @@ def redrive(app: AppContext, job_name: str | None, source_queue_url: str | None,
                                           on_progress=lambda n: bar.advance(task, n))
     out.print(f"✓ Moved {report.moved} message{'s' if report.moved != 1 else ''} from "
               f"{queues.queue_name_of(source_queue_url)} to {queues.queue_name_of(dest_queue_url)}")
+    if report.left:
+        out.print(f"  {report.left} message{'s' if report.left != 1 else ''} came back to "
+                  f"{queues.queue_name_of(source_queue_url)} during the move (failed again) or "
+                  "repeated one already moved: left there, each message is moved once per run")

@@ -15,6 +15,7 @@ from bec.cli.context import AppContext, pass_app, valid_job_name
 from bec.errors import BadInput
 from bec.ids import check_job_name
 from bec.jobkinds import LDV1, kind_of
+from bec.telemetry import LOCAL_ONLY
 
 log = logging.getLogger("bec.worker")
 
@@ -90,7 +91,8 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Prometheus endpoint port, 0 = none [default: 9108; env BEC_METRICS_PORT].")
 @click.option("--metrics-addr", default=None,
-              help="Address the metrics endpoint listens on [default: 0.0.0.0; env BEC_METRICS_ADDR].")
+              help="Address the metrics endpoint listens on: 0.0.0.0 (or the host's address) for a "
+                   "Prometheus on another host [default: 127.0.0.1, this host only; env BEC_METRICS_ADDR].")
 @pass_app
 def command(app: AppContext, job_name: str, **opts: Any) -> None:
     """Run a worker for a job: poll its queue, process volumes, write artifacts."""
@@ -232,7 +234,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
         f"{slots.layout.count} slots of {2 * slots.layout.area_bytes >> 20} MiB")
     grace = _setting(app, opts["grace"], "BEC_GRACE", 120.0, float)
     metrics_port = _setting(app, opts["metrics_port"], "BEC_METRICS_PORT", 9108, int)
-    metrics_addr = _setting(app, opts["metrics_addr"], "BEC_METRICS_ADDR", "0.0.0.0")
+    metrics_addr = _setting(app, opts["metrics_addr"], "BEC_METRICS_ADDR", LOCAL_ONLY)
     code = Supervisor(pipeline, db, slots).run(grace, metrics_port, metrics_addr)
     slots.close()
     say("Worker shutdown complete")

@@ -6,9 +6,7 @@ from datetime import datetime, timezone
 import click
 from rich.table import Table
 
-from bec.cli.context import AppContext, out, pass_app
-
-STALE_AFTER_S = 60.0
+from bec.cli.context import AppContext, out, pass_app, stale_after_setting
 
 
 def age(seconds: float) -> str:
@@ -35,9 +33,13 @@ def workers() -> None:
 @click.option("--all", "show_all", is_flag=True, help="Include stopped workers (default: last 50).")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True,
               help="How many workers to show, newest first.")
+@click.option("--stale-after", type=click.FloatRange(1), default=None,
+              help="Seconds without a heartbeat after which a running worker is marked stale "
+                   "[default: 60, as the worker's; env BEC_STALE_AFTER].")
 @pass_app
-def list_workers(app: AppContext, show_all: bool, limit: int) -> None:
+def list_workers(app: AppContext, show_all: bool, limit: int, stale_after: float | None) -> None:
     """Workers with their heartbeat age; a silent running worker is marked stale."""
+    stale_after_s = stale_after_setting(app, stale_after)
     rows = app.db.rows(
         """
         SELECT w.worker_id, w.worker_name, w.hostname, w.started_at, w.stopped_at,
@@ -54,7 +56,7 @@ def list_workers(app: AppContext, show_all: bool, limit: int) -> None:
         hb = float(row["heartbeat_age"])
         if row["stopped_at"] is not None:
             state = "stopped"
-        elif hb > STALE_AFTER_S:
+        elif hb > stale_after_s:
             state = "[red]stale[/red]"
         else:
             state = "[green]active[/green]"

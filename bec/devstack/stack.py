@@ -1,13 +1,21 @@
 """The local stack behind ``bec dev`` and ``bec demo``: moto (S3+SQS) and PostgreSQL.
 
-State lives in a data folder (``$BEC_DEV_HOME``, default ``~/.cache/bec/dev``):
-``state.json`` records the moto server's URL and pid and the PostgreSQL in use — the
-server already answering on 127.0.0.1:5432 when there is one, otherwise a private
-cluster BEC created there with Debian's ``initdb``/``pg_ctl``. ``up`` is idempotent:
-whatever still answers is reused.
+Each checkout has its own stack. Its state lives in a data folder: ``$BEC_DEV_HOME``, else
+``.bec-dev/`` in the checkout that holds this package, else (an installed package, no
+checkout) ``~/.cache/bec/dev``. ``state.json`` there records the moto server this checkout
+started (URL and pid) and the PostgreSQL in use: the server already answering on
+127.0.0.1:5432 when there is one (shared by every checkout, each with its own database,
+named after its data folder), otherwise a private cluster created in the data folder with
+Debian's ``initdb``/``pg_ctl``. ``up`` is idempotent: whatever still answers is reused;
+``down`` stops only what this checkout started.
+
+Per user, as it was, a second clone's ``make demo`` reused the first one's moto and
+replaced its job and task rows, and the test suite's demo test overwrote the developer's
+demo database.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -25,12 +33,29 @@ from bec.devstack import postgres as pgstack
 REGION = "us-east-1"
 SOURCE_BUCKET = "archive.tbrc.org"
 DEST_BUCKET = "bec-dev-artifacts"
-DATABASE = "bec_dev"
+DATABASE_PREFIX = "bec_dev_"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bec-dev", "AWS_SECRET_ACCESS_KEY": "bec-dev"}
+SHARED_PG = ("127.0.0.1", 5432, "postgres")
+
+
+def checkout() -> Path | None:
+    """The source checkout this package runs from (``pip install -e .``, PYTHONPATH), if any."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "bec").is_dir() else None
 
 
 def home() -> Path:
-    return Path(os.environ.get("BEC_DEV_HOME") or Path.home() / ".cache" / "bec" / "dev")
+    configured = os.environ.get("BEC_DEV_HOME")
+    if configured:
+        return Path(configured)
+    root = checkout()
+    return root / ".bec-dev" if root else Path.home() / ".cache" / "bec" / "dev"
+
+
+def database_name(folder: Path | None = None) -> str:
+    """This stack's database on a shared server: one per data folder (so per checkout)."""
+    where = str((folder or home()).resolve())
+    return DATABASE_PREFIX + hashlib.sha1(where.encode()).hexdigest()[:8]
 
 
 def shipped_model() -> Path:
@@ -45,7 +70,7 @@ class StackState:
     pg_port: int
     pg_user: str
     pg_private: bool
-    database: str = DATABASE
+    database: str
 
     def db_params(self) -> DbParams:
         return DbParams(self.pg_host, self.pg_port, self.pg_user, None, self.database)
@@ -82,7 +107,10 @@ def _pid_alive(pid: int) -> bool:
 def status(state: StackState | None = None) -> dict[str, str]:
     state = state or load()
     if state is None:
-        return {"moto": "down", "postgres": "down"}
+        shared = pgstack.Server(*SHARED_PG)
+        pg = (f"up at {shared.host}:{shared.port} (the shared local server; this checkout's "
+              f"database {database_name()} is made by `bec dev up`)" if shared.answers() else "down")
+        return {"moto": "down (not started by this checkout)", "postgres": pg}
     moto_ok = motostack.is_up(state.moto_url)
     pg = pgstack.Server(state.pg_host, state.pg_port, state.pg_user)
     pg_ok = pg.answers()
@@ -96,18 +124,19 @@ def up() -> StackState:
     base = home()
     base.mkdir(parents=True, exist_ok=True)
     old = load()
-    if old and motostack.is_up(old.moto_url) and _pid_alive(old.moto_pid):
+    if old and motostack.is_up(old.moto_url) and _is_moto(old.moto_pid):
         moto_url, moto_pid = old.moto_url, old.moto_pid
     else:
         server = motostack.start(log_path=base / "moto.log", detach=True)
         moto_url, moto_pid = server.url, server.process.pid if server.process else 0
-    pg = pgstack.find_or_start(base / "pgdata")
-    state = StackState(moto_url, moto_pid, pg.host, pg.port, pg.user, pg.data_dir is not None)
+    pg = pgstack.find_or_start(base / "pgdata", *SHARED_PG)
+    database = database_name(base)
+    state = StackState(moto_url, moto_pid, pg.host, pg.port, pg.user, pg.data_dir is not None, database)
     _state_file().write_text(json.dumps(asdict(state), indent=2))
     with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
     if not exists:
-        pgstack.create_database(pg, DATABASE)
+        pgstack.create_database(pg, database)
     with Database(state.db_params(), max_size=1) as db:
         db.apply_schema()
     s3 = boto3.client("s3", region_name=REGION, endpoint_url=moto_url,
@@ -121,12 +150,25 @@ def up() -> StackState:
     return state
 
 
+def _is_moto(pid: int) -> bool:
+    """``pid`` is (still) a moto server: a pid recorded before a reboot may be anyone's now."""
+    if not pid or not _pid_alive(pid):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"moto_server" in command or b"moto.server" in command
+
+
 def down() -> list[str]:
+    """Stop what this checkout's ``up`` started: its moto, its private PostgreSQL. A shared
+    PostgreSQL and its database are left as they are."""
     state = load()
     done = []
     if state is None:
         return done
-    if state.moto_pid and _pid_alive(state.moto_pid):
+    if _is_moto(state.moto_pid):
         os.kill(state.moto_pid, signal.SIGTERM)
         done.append(f"stopped moto (pid {state.moto_pid})")
     if state.pg_private:

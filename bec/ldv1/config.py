@@ -38,6 +38,9 @@ class Ldv1Config:
     tps_alpha: float = 0.5           # the spline's smoothing, written to each row's tps_alpha
     max_error_ratio: float = 0.1     # share of failed pages above which a volume is retried
     max_image_pixels: int = 120_000_000  # larger images are refused (decompression bombs)
+    # Larger image files are refused before they are read (by the manifest's "size" where it
+    # has one, else by the GET's Content-Length): a fetch thread holds a whole file in memory.
+    max_image_bytes: int = 128 * 1024 * 1024
     channels_last: bool = True
     # Batches the inference process keeps submitted at once. 2: the accelerator computes one
     # batch while the host copies the last one back, stitches it and hands it on; 1: one at a
@@ -63,7 +66,7 @@ class Ldv1Config:
             raise ConfigError(f"ldv1 config key 'precision' must be one of "
                               f"{', '.join(PRECISIONS)}, got {self.precision!r}")
         positive = ("batch_size", "max_tiles_per_batch", "tile_size", "max_frame_width",
-                    "max_frame_height", "max_image_pixels")
+                    "max_frame_height", "max_image_pixels", "max_image_bytes")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"ldv1 config key {key!r} must be positive")

@@ -32,6 +32,7 @@ from bec.errors import BadInput, BecError
 from bec.lifecycle import Admission, Received, Verdict
 from bec.localarchive import source_client
 from bec.pipeline import slots as S
+from bec.pipeline.backoff import BackoffWatch
 from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import (Drain, Fetch, Finished, Gone, PageDone, PageFailed, PipelineReady,
                                    ReleaseNow, Stop, Track, Untrack)
@@ -88,9 +89,10 @@ class Controller:
         self.table = ctx.slots.table
         self.db = Database(p.db, min_size=1, max_size=4, application_name="bec-controller")
         self.sqs = aws.client("sqs", p.region)
+        self.backoffs = BackoffWatch(self.sqs, p.queue_url)  # what the lifecycle hides for later
         self.svc = lifecycle.Services(
             db=self.db, s3=aws.client("s3", p.region), source=source_client(p.source_bucket, p.region),
-            sqs=self.sqs, job_name=p.job_name,
+            sqs=self.backoffs, job_name=p.job_name,
             job_id=p.job_id, worker_id=p.worker_id, worker_name=p.extra.get("worker_name", ""),
             source_bucket=p.source_bucket, dest_bucket=p.dest_bucket, queue_url=p.queue_url,
             dlq_url=p.dlq_url, config=p.config, model=p.model_identity, retry_delay=p.retry_delay,
@@ -109,6 +111,7 @@ class Controller:
         self.drain_deadline = float("inf")
         self.stopping = False
         self.empty_polls = 0
+        self._said_backoff = False
         self.pipeline_ready = threading.Event()  # set by the supervisor's PipelineReady
         self.unseen = 0  # received by the receiver thread, not yet taken in by the main loop
         # Set when the main loop has taken in the receiver's last result: the next receive is
@@ -190,7 +193,7 @@ class Controller:
                     row[name] = 0.0
                 row["owner"] = self.ctx.pid_of(role)
                 row["state"] = S.FETCH
-                msg = Fetch(slot, gen, self.p.source_bucket, vol.adm.manifest.key(entry))
+                msg = Fetch(slot, gen, self.p.source_bucket, vol.adm.manifest.key(entry), entry.size or 0)
                 try:
                     sent = self.ctx.mailbox.try_send(role, msg)
                 except Gone:
@@ -391,7 +394,7 @@ class Controller:
     def _take_in(self, messages: list[Received], at: float) -> None:
         self.unseen -= len(messages)
         if not messages:
-            if not self.volumes and not self.admitting:
+            if not self.volumes and not self.admitting and not self._in_backoff():
                 self.empty_polls += 1
             return
         self.empty_polls = 0
@@ -413,6 +416,18 @@ class Controller:
             if label:
                 self.admitting.add(label)
             self.admit_pool.submit(self._admit, message, label, at)
+
+    def _in_backoff(self) -> bool:
+        """A message this worker hid for later (a retry's back-off, a recheck) is still on its
+        way back: the queue only looks empty. Said once per wait when the run would end."""
+        waiting = self.backoffs.waiting_s()
+        if waiting > 0 and self.p.shutdown_after_empty and not self._said_backoff:
+            self._said_backoff = True
+            log.info("Empty poll, but a message this worker delayed is visible again in %.0f s: "
+                     "waiting for it before counting empty polls", waiting)
+        elif waiting <= 0:
+            self._said_backoff = False
+        return waiting > 0
 
     def _admit(self, message: Received, label: tuple[str, str] | None, received_at: float) -> None:
         try:

@@ -42,9 +42,10 @@ class Fetcher:
     def __init__(self, ctx: ChildContext) -> None:
         self.ctx = ctx
         p = ctx.pipeline
-        self.s3 = source_client(p.source_bucket, p.region, pool=p.fetch_threads + 2)
-        self.rule = frame_for(p.config, ctx.slots.layout.area_bytes)
         self.max_pixels = int(p.config["max_image_pixels"])
+        self.max_bytes = int(p.config["max_image_bytes"])
+        self.s3 = source_client(p.source_bucket, p.region, max_bytes=self.max_bytes, pool=p.fetch_threads + 2)
+        self.rule = frame_for(p.config, ctx.slots.layout.area_bytes)
         self.threshold_here = p.threshold_in_fetch
         self.index = int(ctx.spec.role.rsplit("-", 1)[1])
 
@@ -66,7 +67,7 @@ class Fetcher:
     def _process(self, msg: Fetch) -> None:
         pool, slot = self.ctx.slots, msg.slot
         t0 = time.perf_counter()
-        data, etag = self._get(msg.bucket, msg.key)
+        data, etag = self._get(msg.bucket, msg.key, msg.size)
         t1 = time.perf_counter()
         decoded = imaging.decode(data, self.max_pixels, self.rule)
         if not self._still_ours(msg):
@@ -89,10 +90,27 @@ class Fetcher:
         role = f"infer-{msg.slot % self.ctx.pipeline.n_infer}"
         self.ctx.hand_over(slot, msg.gen, S.INFER, role, FrameReady(slot, msg.gen))
 
-    def _get(self, bucket: str, key: str) -> tuple[bytes, str]:
+    def _too_large(self, bucket: str, key: str, size: int, said_by: str) -> PageError:
+        return PageError("fetch", "too_large", f"s3://{bucket}/{key} is {size:,} bytes ({said_by}), over "
+                                               f"the limit of {self.max_bytes:,} (max_image_bytes)")
+
+    def _get(self, bucket: str, key: str, listed_size: int = 0) -> tuple[bytes, str]:
+        """The object's bytes, never more than ``max_image_bytes`` of them in memory: refused
+        by the manifest's size before any GET, by the GET's Content-Length before the body is
+        read, and by what the body really holds (a length can be missing or wrong)."""
+        if listed_size > self.max_bytes:
+            raise self._too_large(bucket, key, listed_size, "by the manifest")
         try:
             obj = self.s3.get_object(Bucket=bucket, Key=key)
-            return obj["Body"].read(), obj.get("ETag", "").strip('"')
+            length = int(obj.get("ContentLength") or 0)
+            if length > self.max_bytes:
+                obj["Body"].close()  # the connection goes, unread
+                raise self._too_large(bucket, key, length, "its Content-Length")
+            data = obj["Body"].read(self.max_bytes + 1)
+            if len(data) > self.max_bytes:
+                obj["Body"].close()
+                raise self._too_large(bucket, key, len(data), "at least, read")
+            return data, obj.get("ETag", "").strip('"')
         except botocore.exceptions.ClientError as exc:
             if aws.is_not_found(exc):
                 raise PageError("fetch", "missing_object", f"s3://{bucket}/{key} does not exist") from None

@@ -44,6 +44,7 @@ class Fetch(Message):
     gen: int
     bucket: str
     key: str
+    size: int = 0  # the object's bytes as the manifest lists them (0: not listed)
 
 
 @dataclass(frozen=True)

@@ -285,7 +285,7 @@ class Supervisor:
         return self.slot_metrics() + self.process_metrics()
 
     # -- main ----------------------------------------------------------------------------------
-    def run(self, grace: float, metrics_port: int = 0, metrics_addr: str = "0.0.0.0") -> int:
+    def run(self, grace: float, metrics_port: int = 0, metrics_addr: str = telemetry.LOCAL_ONLY) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         metrics.INFO.labels(__version__, self.p.job_name, self.p.model_identity.get("sha256", ""),
