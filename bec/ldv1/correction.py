@@ -149,10 +149,13 @@ def frame_sampling_map(correction: Correction, frame_size: tuple[int, int],
     a = frame_to_original_affine(frame_size, original_size)
     a_inv = np.linalg.inv(a)
     step = TPS_GRID_STEP
-    nx, ny = -(-fw // step), -(-fh // step)
-    # Block centres, so cv2.resize's half-pixel bilinear upsampling lands on every pixel.
-    gx = (np.arange(nx) + 0.5) * step - 0.5
-    gy = (np.arange(ny) + 0.5) * step - 0.5
+    # Block centres, one block beyond the frame on every side: cv2.resize's half-pixel
+    # bilinear upsampling then interpolates (never extrapolates) at every frame pixel, the
+    # edges included (a map replicated at its border would shift the last pixels by up to
+    # half a block: the map grows one pixel per pixel).
+    nx, ny = -(-fw // step) + 2, -(-fh // step) + 2
+    gx = (np.arange(nx) - 0.5) * step - 0.5
+    gy = (np.arange(ny) - 0.5) * step - 0.5
     xx, yy = np.meshgrid(gx, gy)
     q = np.stack([xx.ravel(), yy.ravel()], axis=1)                      # corrected frame (x, y)
     p = map_points(q, a)                                                # corrected page, original px
@@ -162,10 +165,11 @@ def frame_sampling_map(correction: Correction, frame_size: tuple[int, int],
     if correction.rotated:
         p = map_points(p, cv2.invertAffineTransform(original_rotation(original_size, correction.rotation_angle)))
     src = map_points(p, a_inv)                                          # unrotated frame px
-    map_x = cv2.resize(src[:, 0].reshape(ny, nx).astype(np.float32), (nx * step, ny * step),
-                       interpolation=cv2.INTER_LINEAR)[:fh, :fw]
-    map_y = cv2.resize(src[:, 1].reshape(ny, nx).astype(np.float32), (nx * step, ny * step),
-                       interpolation=cv2.INTER_LINEAR)[:fh, :fw]
+    full = (nx * step, ny * step)
+    map_x = cv2.resize(src[:, 0].reshape(ny, nx).astype(np.float32), full,
+                       interpolation=cv2.INTER_LINEAR)[step:step + fh, step:step + fw]
+    map_y = cv2.resize(src[:, 1].reshape(ny, nx).astype(np.float32), full,
+                       interpolation=cv2.INTER_LINEAR)[step:step + fh, step:step + fw]
     return np.ascontiguousarray(map_x), np.ascontiguousarray(map_y)
 
 
