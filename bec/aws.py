@@ -15,7 +15,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from bec.errors import BadInput, RetryableError, Unavailable
+from bec.errors import BadInput, PageError, RetryableError, Unavailable
 
 # Codes that mean "the request itself is wrong" rather than "try again".
 _CLIENT_FAULTS = {
@@ -106,6 +106,28 @@ def check_bucket(s3: Any, bucket: str, role: str, setting: str) -> bool:
 def as_retryable(what: str, exc: BaseException) -> RetryableError:
     """For the worker: infrastructure trouble that retries did not cure."""
     return RetryableError(f"{what}: {error_code(exc)}: {_short(exc)}")
+
+
+def page_get_error(exc: BaseException, bucket: str, key: str) -> PageError:
+    """A page's GET failed once botocore's retries were spent: the page error of the right
+    class (``bec.errors.TRANSIENT_PAGE_ERRORS``), decided here and nowhere else.
+
+    Deterministic: the object is not there, or is archived (the same answer on every try).
+    Transient: anything else S3 says (5xx, throttling, a 403 of credentials or policy: the
+    worker's trouble, not the page's) and no answer at all (refused, reset, timed out).
+    """
+    where = f"s3://{bucket}/{key}"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = error_code(exc)
+        if is_not_found(exc):
+            return PageError("fetch", "missing_object", f"{where} does not exist")
+        if code == "InvalidObjectState":
+            return PageError("fetch", "archived_object",
+                             f"{where} is in an archive storage class: restore it to process it")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return PageError("fetch", "s3_error", f"GET {where}: {code or 'error'} (HTTP {status}), "
+                                              f"after botocore's retries")
+    return PageError("fetch", "s3_unreachable", f"GET {where}: {type(exc).__name__}: {_short(exc)}")
 
 
 def is_client_fault(exc: BaseException) -> bool:

@@ -40,7 +40,11 @@ def read_config(config_file: str | None, config_text: str | None, job_name: str)
         config = jobstore.parse_config_text(config_text, "--config-text")
     else:
         config = {}
-    return validate_config(job_name, config)
+    notes: list[str] = []
+    config = validate_config(job_name, config, notes)
+    for note in notes:
+        err.print(f"Note: {note}", markup=False)
+    return config
 
 
 @jobs.command("create")
