@@ -25,9 +25,29 @@ _CLIENT_FAULTS = {
 }
 
 
-def client_config(max_attempts: int = 6, pool: int = 32, read_timeout: float = 60) -> botocore.config.Config:
+DEFAULT_RETRIES = 6  # botocore's ``max_attempts``: retries after the first try
+
+
+def retries() -> dict[str, Any]:
+    """botocore's retry settings: adaptive mode, 6 retries, or what botocore's own
+    ``AWS_MAX_ATTEMPTS`` says (total tries, the first included). A ``Config`` that sets its
+    retries overrides that variable, so BEC reads it here rather than let it be ignored."""
+    raw = os.environ.get("AWS_MAX_ATTEMPTS")
+    if not raw:
+        return {"mode": "adaptive", "max_attempts": DEFAULT_RETRIES}
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadInput(f"AWS_MAX_ATTEMPTS must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise BadInput(f"AWS_MAX_ATTEMPTS must be at least 1, got {value}")
+    return {"mode": "adaptive", "total_max_attempts": value}
+
+
+def client_config(max_attempts: int | None = None, pool: int = 32,
+                  read_timeout: float = 60) -> botocore.config.Config:
     return botocore.config.Config(
-        retries={"mode": "adaptive", "max_attempts": max_attempts},
+        retries={"mode": "adaptive", "max_attempts": max_attempts} if max_attempts is not None else retries(),
         max_pool_connections=pool,
         connect_timeout=5,
         read_timeout=read_timeout,
@@ -38,7 +58,7 @@ def session(region: str) -> boto3.session.Session:
     return boto3.session.Session(region_name=region)
 
 
-def client(service: str, region: str, *, max_attempts: int = 6, pool: int = 32,
+def client(service: str, region: str, *, max_attempts: int | None = None, pool: int = 32,
            read_timeout: float = 60) -> Any:
     return session(region).client(service, config=client_config(max_attempts, pool, read_timeout))
 

@@ -187,7 +187,7 @@ def add_volume_with_missing_page(stack, i_id: str) -> tuple[str, str]:
 
 @needs_prometheus
 def test_every_panel_answers_from_a_real_prometheus(stack, tmp_path):
-    q = setup_job(stack, {"max_error_ratio": 0.5})
+    q = setup_job(stack)
     # two rounds of the same kinds of work: a series is born at its first value, and Prometheus
     # (without created timestamps) sees a rate only once a scraped series moves
     rounds = [add_volumes(stack, 1, pages=4) + [add_volume_with_missing_page(stack, "I0003"), ("W404", "I404")],
