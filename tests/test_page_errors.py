@@ -159,20 +159,36 @@ def test_a_retry_redoes_only_the_pages_that_failed(stack, proxy):
 
 @pytest.mark.slow
 def test_one_transient_error_under_the_threshold_finishes_with_its_row(stack, proxy):
+    """And the metrics tell the classes apart (one missing page beside it: deterministic)."""
+    from bec.devstack.moto import free_port
+    from test_worker_metrics import scrape, value
+
     q = setup_job(stack)
     (w, i), = add_volumes(stack, 1, pages=12)
-    entries = manifest(stack, w, i)
-    proxy.fail("GET", volume_prefix(w, i) + entries[7]["filename"])  # 1 of 12 = 8 % ≤ 10 %
+    entries = manifest(stack, w, i) + [{"filename": "gone.jpg", "width": 10, "height": 10}]
+    put_manifest(stack.s3, SOURCE_BUCKET, w, i, entries)
+    proxy.fail("GET", volume_prefix(w, i) + entries[7]["filename"])  # 1 of 13 = 8 % ≤ 10 %
     enqueue(stack, q["queue"], [(w, i)])
-    run_worker(stack, env=proxied(proxy))
+    port = free_port()
+    run = start_worker(stack, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
+                       "--shutdown-after-empty", "0", env=proxied(proxy))
+    try:
+        run.wait_for("Successfully processed", timeout=90)
+        samples = scrape(port)
+    finally:
+        run.signal(signal.SIGTERM)
+        assert run.wait(60) == 0, run.output
     row, = tasks(stack)
-    assert (row["status"], row["attempt"], row["nb_errors"]) == ("done", 1, 1)
+    assert (row["status"], row["attempt"], row["nb_errors"]) == ("done", 1, 2)
     pages = read_parquet(stack, w, i, row["s3_etag"])
     bad = [(n, p["error_stage"], p["error_type"]) for n, p in enumerate(pages) if not p["ok"]]
-    assert bad == [(7, "fetch", "s3_error")]
+    assert bad == [(7, "fetch", "s3_error"), (12, "fetch", "missing_object")]
     assert "InternalError (HTTP 500)" in pages[7]["error_message"]
     marker = read_success(stack, w, i, row["s3_etag"])
-    assert marker["errors_by_class"] == {"deterministic": 0, "transient": 1}
+    assert marker["errors_by_class"] == {"deterministic": 1, "transient": 1}
+    assert value(samples, "bec_page_errors_total", stage="fetch", error_type="s3_error", **{"class": "transient"}) == 1
+    assert value(samples, "bec_page_errors_total", stage="fetch", error_type="missing_object",
+                 **{"class": "deterministic"}) == 1
 
 
 # -- the classification, once, at the edge (pure unit tests) -------------------------------------------
