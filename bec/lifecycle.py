@@ -233,8 +233,8 @@ def finish(svc: Services, adm: Admission, out: VolumeFile) -> Verdict:
     pages, errors = tally.pages, tally.nb_errors
     try:
         body, size = out.close()
-    except OSError as exc:
-        reason = f"writing the volume's Parquet to a temporary file: {exc}"[:500]
+    except Exception as exc:  # disk full under TMPDIR, or a row that could not be built
+        reason = f"writing the volume's Parquet to a temporary file: {type(exc).__name__}: {exc}"[:500]
         log.warning("volume %s not finished: %s", adm.label, reason)
         retry_later(svc, adm, reason, nb_errors=errors, duration_ms=duration_ms)
         return Verdict.RETRY

@@ -158,7 +158,9 @@ class VolumeFile:
         self.row_groups = 0
         self.held_max = 0
         self.tally = Tally()
-        self.failure: OSError | None = None  # the spool could not be written (disk full…)
+        # Why rows could not be written (disk full; a row that cannot be built): said when the
+        # volume finishes, and it is retried. Never raised into the controller's main loop.
+        self.failure: Exception | None = None
         self._file: Any = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         schema = artifacts.SCHEMA.with_metadata(metadata)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._file, schema, compression="zstd")
@@ -193,13 +195,13 @@ class VolumeFile:
     # -- the end -----------------------------------------------------------------------------------
     def close(self) -> tuple[IO[bytes], int]:
         """Write the last row group and the footer; the file, at its start, and its size.
-        Raises ``OSError`` if the spool could not be written."""
+        Raises what kept rows from being written (``failure``)."""
         assert self.next_row == self.n, f"closing at row {self.next_row} of {self.n}"
         self._write_group()
         if self.failure is None and self._writer is not None:
             try:
                 self._writer.close()
-            except OSError as exc:
+            except (OSError, pa.ArrowException) as exc:
                 self.failure = exc
             self._writer = None
         if self.failure is not None:
@@ -245,7 +247,11 @@ class VolumeFile:
 
     def _build_run(self) -> None:
         if self._run:
-            self._pieces.append(artifacts.build_table(self._run))
+            if self.failure is None:
+                try:
+                    self._pieces.append(artifacts.build_table(self._run))
+                except Exception as exc:  # a bug or a row Arrow refuses: the volume is retried, saying so
+                    self.failure = exc
             self._piece_rows += len(self._run)
             self._run = []
 
@@ -253,13 +259,14 @@ class VolumeFile:
         self._build_run()
         if not self._piece_rows:
             return
-        table = self._pieces[0] if len(self._pieces) == 1 else pa.concat_tables(self._pieces)
+        pieces = self._pieces
         self._pieces, self._piece_rows = [], 0
         if self.failure is not None or self._writer is None:
             return  # rows are dropped: finishing says why, and the volume is retried
         try:
+            table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
             self._writer.write_table(table, row_group_size=table.num_rows)
-        except OSError as exc:
+        except (OSError, pa.ArrowException) as exc:
             self.failure = exc
             return
         self.rows_written += table.num_rows

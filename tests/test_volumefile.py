@@ -162,3 +162,16 @@ def test_a_long_volume_is_written_in_row_groups_with_bounded_results_held(stack,
     assert [p["img_file_name"] for p in pages] == [e["filename"] for e in entries]
     assert [k for k, p in enumerate(pages) if not p["ok"]] == sorted(missing)
     assert {p["error_type"] for p in pages if not p["ok"]} == {"missing_object"}
+
+
+def test_a_row_that_cannot_be_built_never_reaches_the_main_loop():
+    """build_table runs in the controller's main loop now: whatever it raises is kept and
+    raised by close(), in the finishing thread, where the volume is retried with the reason."""
+    out = VolumeFile(3, META, row_group_pages=2)
+    assert out.add(0, page(1))
+    assert out.add(1, artifacts.PageOutcome("bad.jpg", True, contours=[np.zeros((3, 3), np.int32)],
+                                            boxes=np.zeros((1, 4), np.int32)))
+    assert out.add(2, page(2))  # the group with the bad row was written (and failed) before this
+    with pytest.raises(ValueError):
+        out.close()
+    out.discard()
