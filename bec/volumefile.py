@@ -96,6 +96,7 @@ class Resume:
 
     def __init__(self, source: IO[bytes], filenames: list[str], metadata: dict[str, str]) -> None:
         """Raises ``ValueError`` saying why the file cannot be resumed from."""
+        self._source = source
         try:
             self.file = pq.ParquetFile(source)
         except (pa.ArrowException, OSError) as exc:
@@ -139,6 +140,7 @@ class Resume:
 
     def release(self) -> None:
         self._rows = None
+        self._source.close()
 
 
 class VolumeFile:
