@@ -63,9 +63,9 @@ def load(svc: Any, adm: Any) -> Found | None:
         spool.close()
         if isinstance(exc, botocore.exceptions.ClientError) and aws.is_not_found(exc):
             return None
-        log.warning("volume %s: could not read its partial results s3://%s/%s (%s): every page is "
+        log.warning("volume %s: could not look for partial results at s3://%s/%s (%s): every page is "
                     "processed again", adm.label, svc.dest_bucket, key, aws.error_code(exc))
-        return Found(key, None)
+        return None
     metrics.S3_READ.inc(spool.tell())
     spool.seek(0)
     try:

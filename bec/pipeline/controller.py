@@ -469,6 +469,8 @@ class Controller:
                      adm.label, mid, lifecycle.recheck_delay_s(self.svc))
         elif self.draining or self.stopping:
             lifecycle.release(self.svc, adm, "released: worker shutting down")
+            if adm.partial is not None and adm.partial.resume is not None:
+                adm.partial.resume.release()
             self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))
         else:
             key = self.next_key
