@@ -130,6 +130,13 @@ def success_key(job_name: str, w_id: str, i_id: str, version: str) -> str:
     return output_prefix(job_name, w_id, i_id, version) + "success.json"
 
 
+def partial_key(job_name: str, w_id: str, i_id: str, version: str) -> str:
+    """Where a retried volume keeps its finished pages (``bec.partial``): under ``_partial/``,
+    which readers of ``{job}/`` skip (Spark, Athena and pyarrow datasets ignore ``_`` names),
+    never beside a success.json."""
+    return f"{job_name}/_partial/{w_id}/{i_id}/{version}/{w_id}-{i_id}-{version}.parquet"
+
+
 def _int16(values: np.ndarray) -> pa.Array:
     return pa.array(np.clip(values, -32768, 32767).astype(np.int16), type=pa.int16())
 

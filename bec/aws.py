@@ -15,7 +15,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from bec.errors import BadInput, RetryableError, Unavailable
+from bec.errors import BadInput, PageError, RetryableError, Unavailable
 
 # Codes that mean "the request itself is wrong" rather than "try again".
 _CLIENT_FAULTS = {
@@ -25,9 +25,29 @@ _CLIENT_FAULTS = {
 }
 
 
-def client_config(max_attempts: int = 6, pool: int = 32, read_timeout: float = 60) -> botocore.config.Config:
+DEFAULT_RETRIES = 6  # botocore's ``max_attempts``: retries after the first try
+
+
+def retries() -> dict[str, Any]:
+    """botocore's retry settings: adaptive mode, 6 retries, or what botocore's own
+    ``AWS_MAX_ATTEMPTS`` says (total tries, the first included). A ``Config`` that sets its
+    retries overrides that variable, so BEC reads it here rather than let it be ignored."""
+    raw = os.environ.get("AWS_MAX_ATTEMPTS")
+    if not raw:
+        return {"mode": "adaptive", "max_attempts": DEFAULT_RETRIES}
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadInput(f"AWS_MAX_ATTEMPTS must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise BadInput(f"AWS_MAX_ATTEMPTS must be at least 1, got {value}")
+    return {"mode": "adaptive", "total_max_attempts": value}
+
+
+def client_config(max_attempts: int | None = None, pool: int = 32,
+                  read_timeout: float = 60) -> botocore.config.Config:
     return botocore.config.Config(
-        retries={"mode": "adaptive", "max_attempts": max_attempts},
+        retries={"mode": "adaptive", "max_attempts": max_attempts} if max_attempts is not None else retries(),
         max_pool_connections=pool,
         connect_timeout=5,
         read_timeout=read_timeout,
@@ -38,7 +58,7 @@ def session(region: str) -> boto3.session.Session:
     return boto3.session.Session(region_name=region)
 
 
-def client(service: str, region: str, *, max_attempts: int = 6, pool: int = 32,
+def client(service: str, region: str, *, max_attempts: int | None = None, pool: int = 32,
            read_timeout: float = 60) -> Any:
     return session(region).client(service, config=client_config(max_attempts, pool, read_timeout))
 
@@ -106,6 +126,28 @@ def check_bucket(s3: Any, bucket: str, role: str, setting: str) -> bool:
 def as_retryable(what: str, exc: BaseException) -> RetryableError:
     """For the worker: infrastructure trouble that retries did not cure."""
     return RetryableError(f"{what}: {error_code(exc)}: {_short(exc)}")
+
+
+def page_get_error(exc: BaseException, bucket: str, key: str) -> PageError:
+    """A page's GET failed once botocore's retries were spent: the page error of the right
+    class (``bec.errors.TRANSIENT_PAGE_ERRORS``), decided here and nowhere else.
+
+    Deterministic: the object is not there, or is archived (the same answer on every try).
+    Transient: anything else S3 says (5xx, throttling, a 403 of credentials or policy: the
+    worker's trouble, not the page's) and no answer at all (refused, reset, timed out).
+    """
+    where = f"s3://{bucket}/{key}"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = error_code(exc)
+        if is_not_found(exc):
+            return PageError("fetch", "missing_object", f"{where} does not exist")
+        if code == "InvalidObjectState":
+            return PageError("fetch", "archived_object",
+                             f"{where} is in an archive storage class: restore it to process it")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return PageError("fetch", "s3_error", f"GET {where}: {code or 'error'} (HTTP {status}), "
+                                              f"after botocore's retries")
+    return PageError("fetch", "s3_unreachable", f"GET {where}: {type(exc).__name__}: {_short(exc)}")
 
 
 def is_client_fault(exc: BaseException) -> bool:

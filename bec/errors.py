@@ -17,6 +17,10 @@ happens next:
                      DLQ with the reason; no task row, no retries burnt.
 * ``PageError``    – one image failed (missing object, corrupt data, too large…): a Parquet
                      row with ``ok = false`` and its stage/type/message; the volume goes on.
+                     Its kind says whether it is *deterministic* (the page itself: the same
+                     on every try) or *transient* (the infrastructure: S3 5xx, throttling,
+                     timeouts, resets once botocore's retries are spent). Only transient
+                     page errors can send a volume back for a retry (``TRANSIENT_PAGE_ERRORS``).
 
 Messages are written for operators and never contain secrets.
 """
@@ -67,3 +71,29 @@ class PageError(BecError):
         super().__init__(message)
         self.stage = stage
         self.kind = kind
+
+    @property
+    def transient(self) -> bool:
+        return is_transient_page_error(self.kind)
+
+
+#: Page error kinds caused by the infrastructure, not by the page: another try may succeed.
+#: Every other kind (``missing_object``, ``corrupt_image``, ``empty_file``, ``too_large``,
+#: ``unsupported_format``, ``invalid_entry``, ``postprocess_error``, ``internal_error``…) is
+#: deterministic: trying again gives the same answer, so it is recorded and the volume
+#: finishes. The edge that raises a page error picks its kind, and so its class, once.
+TRANSIENT_PAGE_ERRORS = frozenset({
+    "s3_error",         # S3 answered with an error that is not about the object (5xx, throttling, 403…)
+    "s3_unreachable",   # no answer: connection refused or reset, timeout
+    "inference_error",  # a whole batch failed (device out of memory, CUDA error): not the page's fault
+    "out_of_memory",    # the host ran short while decoding a page within the pixel limit
+})
+
+
+def is_transient_page_error(kind: str | None) -> bool:
+    return kind in TRANSIENT_PAGE_ERRORS
+
+
+def page_error_class(kind: str | None) -> str:
+    """``transient`` or ``deterministic``: the label operators see in metrics and ``jobs errors``."""
+    return "transient" if is_transient_page_error(kind) else "deterministic"

@@ -142,6 +142,8 @@ def overall_stats(db: Database, job_id: int, stale_after_s: float = STALE_AFTER_
         SELECT count(*) AS total_tasks,
                coalesce(sum(total_images) FILTER (WHERE shown <> 'stalled'), 0) AS total_images,
                coalesce(sum(nb_errors), 0) AS total_errors,
+               count(*) FILTER (WHERE status = 'done' AND nb_errors > 0) AS done_with_errors,
+               coalesce(sum(nb_errors) FILTER (WHERE status = 'done'), 0) AS done_errors,
                coalesce(avg(total_duration_ms), 0) AS avg_task_ms,
                coalesce(sum(total_duration_ms) FILTER (WHERE total_duration_ms IS NOT NULL)
                         / nullif(sum(total_images) FILTER (WHERE total_duration_ms IS NOT NULL), 0),
@@ -223,45 +225,57 @@ def progress_sample(db: Database, job_id: int) -> dict[str, Any]:
 FAILED = ("retryable_failed", "terminal_failed")
 
 
-def recent_failures(db: Database, job_id: int, limit: int) -> list[dict[str, Any]]:
+#: ``volume`` filters below: (w_id, i_id), or None for every volume of the job.
+Volume = tuple[str, str]
+_OF_VOLUME = "(%(w)s::text IS NULL OR (v.bdrc_w_id = %(w)s AND v.bdrc_i_id = %(i)s))"
+
+
+def _volume_params(volume: Volume | None) -> dict[str, str | None]:
+    return {"w": volume[0] if volume else None, "i": volume[1] if volume else None}
+
+
+def recent_failures(db: Database, job_id: int, limit: int, volume: Volume | None = None) -> list[dict[str, Any]]:
     """Failed tasks (retryable or terminal), most recent first."""
     return db.rows(
-        """
+        f"""
         SELECT t.id, v.bdrc_w_id AS w_id, v.bdrc_i_id AS i_id, t.s3_etag AS version,
                t.status::text AS status, t.attempt, coalesce(t.done_at, t.started_at) AS at,
                t.error_reason
         FROM task_executions t
         JOIN volumes v ON v.id = t.volume_id
-        WHERE t.job_id = %s AND t.status IN ('retryable_failed', 'terminal_failed')
+        WHERE t.job_id = %(job)s AND t.status IN ('retryable_failed', 'terminal_failed') AND {_OF_VOLUME}
         ORDER BY coalesce(t.done_at, t.started_at) DESC, t.id DESC
-        LIMIT %s
-        """, (job_id, limit))
+        LIMIT %(limit)s
+        """, {"job": job_id, "limit": limit, **_volume_params(volume)})
 
 
-def failure_reasons(db: Database, job_id: int, limit: int = 10) -> list[dict[str, Any]]:
+def failure_reasons(db: Database, job_id: int, limit: int = 10, volume: Volume | None = None) -> list[dict[str, Any]]:
     """Failed tasks' reasons, grouped with their numbers masked ("3 of 8 pages" ~ "5 of 9
     pages"); each group with its count and its most recent text as the example."""
     return db.rows(
-        """
+        f"""
         SELECT count(*) AS count,
-               (array_agg(coalesce(error_reason, '(no reason recorded)')
-                          ORDER BY coalesce(done_at, started_at) DESC, id DESC))[1] AS example
-        FROM task_executions
-        WHERE job_id = %s AND status IN ('retryable_failed', 'terminal_failed')
-        GROUP BY regexp_replace(coalesce(error_reason, ''), '[0-9]+(\\.[0-9]+)?', 'N', 'g')
-        ORDER BY count(*) DESC, max(id) DESC
-        LIMIT %s
-        """, (job_id, limit))
-
-
-def recent_done_with_errors(db: Database, job_id: int, limit: int) -> list[dict[str, Any]]:
-    """Done tasks that had page errors, most recent first (their success.json says which)."""
-    return db.rows(
-        """
-        SELECT t.id, v.bdrc_w_id AS w_id, v.bdrc_i_id AS i_id, t.s3_etag AS version, t.nb_errors
+               (array_agg(coalesce(t.error_reason, '(no reason recorded)')
+                          ORDER BY coalesce(t.done_at, t.started_at) DESC, t.id DESC))[1] AS example
         FROM task_executions t
         JOIN volumes v ON v.id = t.volume_id
-        WHERE t.job_id = %s AND t.status = 'done' AND t.nb_errors > 0
+        WHERE t.job_id = %(job)s AND t.status IN ('retryable_failed', 'terminal_failed') AND {_OF_VOLUME}
+        GROUP BY regexp_replace(coalesce(t.error_reason, ''), '[0-9]+(\\.[0-9]+)?', 'N', 'g')
+        ORDER BY count(*) DESC, max(t.id) DESC
+        LIMIT %(limit)s
+        """, {"job": job_id, "limit": limit, **_volume_params(volume)})
+
+
+def recent_done_with_errors(db: Database, job_id: int, limit: int,
+                            volume: Volume | None = None) -> list[dict[str, Any]]:
+    """Done tasks that had page errors, most recent first (their success.json says which)."""
+    return db.rows(
+        f"""
+        SELECT t.id, v.bdrc_w_id AS w_id, v.bdrc_i_id AS i_id, t.s3_etag AS version, t.nb_errors,
+               t.total_images, t.attempt
+        FROM task_executions t
+        JOIN volumes v ON v.id = t.volume_id
+        WHERE t.job_id = %(job)s AND t.status = 'done' AND t.nb_errors > 0 AND {_OF_VOLUME}
         ORDER BY t.done_at DESC NULLS LAST, t.id DESC
-        LIMIT %s
-        """, (job_id, limit))
+        LIMIT %(limit)s
+        """, {"job": job_id, "limit": limit, **_volume_params(volume)})

@@ -7,8 +7,10 @@
                                                          holder's heartbeat could be stale
     (the controller streams the pages through the pipeline)
     extend ─ visibility, while the volume runs ......... never once the message is settled
-    finish ─ 5. error ratio within max_error_ratio? ... no → retryable
+    finish ─ 5. transient page errors within ......... no → retryable; the finished pages are
+                max_transient_error_ratio?                kept (bec.partial) for the next attempt
            ─ 6. Parquet, then success.json, then DB done + metrics, then delete the message
+                (deterministic page errors are rows of a done volume: never a retry)
     retry  ─ DB retryable_failed; the message becomes visible again after a back-off
     release ─ DB retryable_failed; visible again at once (shutdown, crash of the controller)
     let go ─ the claim was taken over (this worker went stale): touch neither row nor message
@@ -21,18 +23,20 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import botocore.exceptions
 
-from bec import artifacts, aws, metrics, tasks
+import boto3.exceptions
+
+from bec import artifacts, aws, metrics, partial, tasks
 from bec.archive import Manifest, read_manifest
 from bec.db import Database
 from bec.errors import BecError, PoisonMessage, RetryableError, TerminalError, Unavailable
 from bec.ids import check_i_id, check_w_id
+from bec.volumefile import VolumeFile
 
 log = logging.getLogger("bec.lifecycle")
 
@@ -104,6 +108,7 @@ class Admission:
     attempt: int = 0
     claimed_at: float = 0.0
     database_down: bool = False  # the retry was caused by PostgreSQL being unreachable
+    partial: partial.Found | None = None  # an earlier attempt's finished pages (bec.partial)
 
     @property
     def label(self) -> str:
@@ -215,32 +220,46 @@ def read_success_marker(svc: Services, w_id: str, i_id: str, version: str) -> di
 
 
 # -- finish: steps 5–6 -------------------------------------------------------------------------
-def error_summary(pages: list[artifacts.PageOutcome]) -> str:
-    kinds = Counter(p.error_type for p in pages if not p.ok)
-    return ", ".join(f"{n}× {kind}" for kind, n in kinds.most_common(3))
+def finish(svc: Services, adm: Admission, out: VolumeFile) -> Verdict:
+    """Write the artifacts and record success, or route the volume to a retry.
 
-
-def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) -> Verdict:
-    """Write the artifacts and record success, or route the volume to a retry."""
+    Only transient page errors (``bec.errors.TRANSIENT_PAGE_ERRORS``) can send a volume back:
+    a deterministic one is the same on every try, so it is recorded as an error row and the
+    volume is done. A retried volume keeps its finished pages for the next attempt."""
     assert adm.manifest is not None
     version = adm.manifest.version
     duration_ms = (time.time() - adm.claimed_at) * 1000
-    errors = sum(not p.ok for p in pages)
-    ratio = errors / len(pages) if pages else 1.0
-    if ratio > float(svc.config.get("max_error_ratio", 0.1)):                           # 5
-        reason = (f"{errors} of {len(pages)} pages failed ({ratio:.0%} > max_error_ratio "
-                  f"{svc.config.get('max_error_ratio')}): {error_summary(pages)}")
+    tally = out.tally
+    pages, errors = tally.pages, tally.nb_errors
+    try:
+        body, size = out.close()
+    except Exception as exc:  # disk full under TMPDIR, or a row that could not be built
+        reason = f"writing the volume's Parquet to a temporary file: {type(exc).__name__}: {exc}"[:500]
         log.warning("volume %s not finished: %s", adm.label, reason)
         retry_later(svc, adm, reason, nb_errors=errors, duration_ms=duration_ms)
         return Verdict.RETRY
+    transient = tally.transient_errors
+    limit = float(svc.config.get("max_transient_error_ratio", 0.1))
+    ratio = transient / pages if pages else 1.0
+    if ratio > limit:                                                                    # 5
+        kept = partial.store(svc, adm, body, size, tally)
+        reason = (f"{transient} of {pages} pages hit transient errors ({ratio:.0%} > "
+                  f"max_transient_error_ratio {limit:g}): {tally.summary(tally.transient_by_type)}; {kept}")
+        log.warning("volume %s not finished: %s", adm.label, reason)
+        retry_later(svc, adm, reason, nb_errors=errors, duration_ms=duration_ms)
+        return Verdict.RETRY
+    by_class = {"deterministic": errors - transient, "transient": transient}
     marker = {
         "job": svc.job_name, "w_id": adm.w_id, "i_id": adm.i_id, "version": version,
-        "manifest_etag": adm.manifest.etag.strip('"'), "total_images": len(pages),
-        "nb_errors": errors, "errors_by_type": dict(Counter(p.error_type for p in pages if not p.ok)),
+        "manifest_etag": adm.manifest.etag.strip('"'), "total_images": pages,
+        "nb_errors": errors, "errors_by_type": dict(tally.errors_by_type), "errors_by_class": by_class,
+        # the first failed pages, one by one (every one is a row of the Parquet)
+        "errors": tally.listed, "errors_listed": len(tally.listed),
+        "resumed_pages": tally.resumed,
         "total_duration_ms": round(duration_ms, 3),
-        "avg_duration_per_page_ms": round(duration_ms / len(pages), 3) if pages else 0.0,
-        "stage_ms": {name: round(sum(p.timings[i] for p in pages), 3)
-                     for i, name in enumerate(("fetch", "decode", "infer", "post"))},
+        "avg_duration_per_page_ms": round(duration_ms / pages, 3) if pages else 0.0,
+        "stage_ms": {name: round(ms, 3) for name, ms in zip(("fetch", "decode", "infer", "post"), tally.stage_ms)},
+        "row_groups": out.row_groups,
         "worker": {"id": svc.worker_id, "name": svc.worker_name},
         "task_id": adm.task_id, "attempt": adm.attempt,
         "job_config": svc.config, "model": svc.model,
@@ -248,21 +267,22 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
     }
     write_started = time.perf_counter()
     try:                                                                                 # 6
-        table = artifacts.parquet_bytes(pages, {"bec.model.sha256": svc.model.get("sha256", "")})
-        svc.s3.put_object(Bucket=svc.dest_bucket,
-                          Key=artifacts.parquet_key(svc.job_name, adm.w_id, adm.i_id, version), Body=table)
+        svc.s3.upload_fileobj(body, svc.dest_bucket,
+                              artifacts.parquet_key(svc.job_name, adm.w_id, adm.i_id, version),
+                              Config=partial.TRANSFER)
         success = artifacts.success_bytes(marker)
         svc.s3.put_object(Bucket=svc.dest_bucket,
                           Key=artifacts.success_key(svc.job_name, adm.w_id, adm.i_id, version),
                           Body=success, ContentType="application/json")
-        metrics.S3_WRITTEN.inc(len(table) + len(success))
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
+        metrics.S3_WRITTEN.inc(size + len(success))
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError,
+            boto3.exceptions.S3UploadFailedError, OSError) as exc:
         reason = f"writing artifacts: {aws.error_code(exc)}: {exc}"[:500]
         log.warning("volume %s not finished: %s", adm.label, reason)
         retry_later(svc, adm, reason, nb_errors=errors, duration_ms=duration_ms)
         return Verdict.RETRY
     try:
-        ours = tasks.mark_done(svc.db, adm.task_id, svc.worker_id, adm.attempt, len(pages), errors, duration_ms)
+        ours = tasks.mark_done(svc.db, adm.task_id, svc.worker_id, adm.attempt, pages, errors, duration_ms)
     except Unavailable as exc:
         # success.json is written: the next delivery sees it and repairs the DB row.
         log.warning("volume %s not finished: recording done: %s (success.json is written: the "
@@ -273,6 +293,8 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
         let_go(svc, adm, "wrote its artifacts")
         return Verdict.NOT_CLAIMABLE
     delete_message(svc, adm.message)
+    if adm.partial is not None:
+        partial.drop(svc, adm, adm.partial)
     metrics.STAGE_SECONDS.labels("write").observe(time.perf_counter() - write_started)
     return Verdict.ADMITTED
 

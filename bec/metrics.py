@@ -17,8 +17,12 @@ from prometheus_client import Counter, Gauge, Histogram
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 PAGES = Counter("bec_pages_total", "Pages finished, by outcome (ok or error)", ["outcome"])
-PAGE_ERRORS = Counter("bec_page_errors_total", "Failed pages by stage and error type",
-                      ["stage", "error_type"])
+PAGE_ERRORS = Counter("bec_page_errors_total", "Failed pages by stage, error type and class "
+                      "(deterministic: the page itself, the same on every try; transient: S3, network "
+                      "or device trouble, which alone can send a volume back for a retry)",
+                      ["stage", "error_type", "class"])
+PAGES_RESUMED = Counter("bec_pages_resumed_total",
+                        "Pages of retried volumes whose rows were taken from the earlier attempt's partial results")
 PAGES_REDONE = Counter("bec_pages_redone_total", "Pages redone after their holder died or stalled")
 VOLUMES = Counter("bec_volumes_total", "Volumes by outcome",
                   ["outcome"])  # done, retry, terminal, poison, already_done, not_claimable, released, taken_over

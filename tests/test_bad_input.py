@@ -540,7 +540,7 @@ def test_the_zoo_through_a_worker(stack):
     from bec.devstack.volumes import put_manifest
     from workerkit import read_parquet, run_worker, send, setup_job, tasks
 
-    q = setup_job(stack, {"max_error_ratio": 0.9})
+    q = setup_job(stack)
     s3 = stack.s3
 
     def put(w: str, i: str, files: dict[str, bytes]) -> None:

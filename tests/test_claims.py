@@ -14,6 +14,7 @@ from bec import artifacts, lifecycle, tasks
 from bec.archive import Manifest, ManifestEntry
 from bec.devstack.volumes import ensure_bucket
 from bec.lifecycle import Admission, Received, Services, Verdict
+from bec.volumefile import VolumeFile
 from clihelp import ok
 from conftest import DEST_BUCKET
 
@@ -77,10 +78,12 @@ def test_the_stale_worker_lets_the_volume_go_untouched(stack, taken_over):
     raw = sqs.receive_message(QueueUrl=url, VisibilityTimeout=600, AttributeNames=["All"])["Messages"][0]
     svc = Services(db=stack.db, s3=stack.s3, source=stack.s3, sqs=sqs, job_name="ldv1", job_id=job_id,
                    worker_id=a, worker_name="a", source_bucket="src", dest_bucket=DEST_BUCKET,
-                   queue_url=url, dlq_url=url, config={"max_error_ratio": 1.0}, model={})
+                   queue_url=url, dlq_url=url, config={"max_transient_error_ratio": 1.0}, model={})
     manifest = Manifest("W1", "I1", "W1/I1/", '"abc123ffff"', (ManifestEntry("p1.jpg", None, None),
                                                                 ManifestEntry("p2.jpg", None, None)))
-    pages = [artifacts.PageOutcome.failed(e.filename, "fetch", "missing_object", "gone") for e in manifest.entries]
+    pages = VolumeFile(len(manifest.entries), {})
+    for n, e in enumerate(manifest.entries):
+        pages.add(n, artifacts.PageOutcome.failed(e.filename, "fetch", "missing_object", "gone"))
 
     def admitted() -> Admission:
         return Admission(Verdict.ADMITTED, Received.from_sqs(raw), w_id="W1", i_id="I1", manifest=manifest,

@@ -223,7 +223,7 @@ def test_errors_lists_failures_reasons_and_page_error_types(stack):
     pages = out.split("Most common page errors:")[1]
     types = [[c.strip() for c in line.split("│")[1:-1]] for line in pages.splitlines()
              if line.startswith("│") and "_" in line]
-    assert types == [["missing_object", "4", "2"], ["corrupt_image", "1", "1"]]
+    assert types == [["missing_object", "deterministic", "4", "2"], ["corrupt_image", "deterministic", "1", "1"]]
     assert "from the success.json of the 3 most recent done volumes with page errors" in pages
     assert "(1 could not be read, e.g. ldv1/W22084/I0887/def456/success.json: " in pages
 
@@ -246,3 +246,53 @@ def test_errors_without_dest_bucket_still_shows_the_database_part(stack, monkeyp
     assert "set BEC_DEST_S3_BUCKET or pass --s3-dest-bucket" in out
     assert "missing_object" in ok("jobs", "errors", "ldv1", "--s3-dest-bucket", DEST_BUCKET).split(
         "Most common page errors:")[1]
+
+
+def test_errors_of_one_volume_list_its_failed_pages_by_type(stack):
+    """`--volume` narrows every part to one volume and lists its done version's failed pages,
+    grouped by type, with their class (only transient ones could have sent it back)."""
+    seed_failures(stack)
+    errors = [{"index": 4, "file": "I08850005.jpg", "stage": "fetch", "type": "missing_object",
+               "message": "s3://archive.tbrc.org/…/I08850005.jpg does not exist"},
+              {"index": 1, "file": "I08850002.jpg", "stage": "decode", "type": "corrupt_image",
+               "message": "JPEG data is corrupt: premature end of data segment"},
+              {"index": 9, "file": "I08850010.jpg", "stage": "fetch", "type": "s3_error",
+               "message": "GET s3://archive.tbrc.org/…/I08850010.jpg: InternalError (HTTP 500)"}]
+    marker = {"job": "ldv1", "w_id": "W22084", "i_id": "I0885", "version": "def456", "nb_errors": 4,
+              "errors_by_type": {"corrupt_image": 1, "missing_object": 2, "s3_error": 1}, "errors": errors}
+    stack.s3.put_object(Bucket=DEST_BUCKET, Key=artifacts.success_key("ldv1", "W22084", "I0885", "def456"),
+                        Body=artifacts.success_bytes(marker))
+    stack.db.execute("UPDATE task_executions SET nb_errors = 4 WHERE volume_id = 6")
+    out = ok("jobs", "errors", "ldv1", "--volume", "W22084/I0885")
+    assert out.splitlines()[0] == "Recent Failed Tasks: ldv1 (id=1), volume W22084/I0885"
+    assert "I0880" not in out and "I0884" not in out  # other volumes' failures and markers left out
+    pages = out.split("Most common page errors:")[1]
+    types = [[c.strip() for c in line.split("│")[1:-1]] for line in pages.split("Page errors of")[0].splitlines()
+             if line.startswith("│") and "_" in line]
+    assert types == [["missing_object", "deterministic", "2", "1"], ["corrupt_image", "deterministic", "1", "1"],
+                     ["s3_error", "transient", "1", "1"]]
+    listing = pages.split("Page errors of W22084/I0885 version def456 (done at attempt 1): 4 of 10 pages")[1]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in listing.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip()]
+    assert [r[:4] for r in rows if r[0] != "Error Type"][:3] == [
+        ["corrupt_image", "deterministic", "decode", "#1 I08850002.jpg"],
+        ["missing_object", "deterministic", "fetch", "#4 I08850005.jpg"],
+        ["s3_error", "transient", "fetch", "#9 I08850010.jpg"]]
+    assert ("(the first 3 are listed; every failed page is a row with ok = false in "
+            f"s3://{DEST_BUCKET}/ldv1/W22084/I0885/def456/W22084-I0885-def456.parquet)") in out.replace("\n", "")
+    # a volume with failed attempts only
+    out = ok("jobs", "errors", "ldv1", "--volume", "W22084,I0880")
+    assert "3 of 8 pages failed" in out and "none (no done task has page errors)" in out
+
+
+def test_errors_volume_filter_is_validated_before_any_service():
+    from clihelp import fails
+
+    assert "invalid work id" in fails("jobs", "errors", "ldv1", "--volume", "W1';DROP/I1")
+    assert "expected W_ID/I_ID" in fails("jobs", "errors", "ldv1", "--volume", "W22084")
+
+
+def test_stats_count_volumes_done_with_page_errors(stack):
+    seed_failures(stack)
+    out = ok("jobs", "stats", "ldv1")
+    assert "  Volumes Done with Page Errors: 3 (6 error rows; see `bec jobs errors`)" in out

@@ -187,7 +187,7 @@ def add_volume_with_missing_page(stack, i_id: str) -> tuple[str, str]:
 
 @needs_prometheus
 def test_every_panel_answers_from_a_real_prometheus(stack, tmp_path):
-    q = setup_job(stack, {"max_error_ratio": 0.5})
+    q = setup_job(stack)
     # two rounds of the same kinds of work: a series is born at its first value, and Prometheus
     # (without created timestamps) sees a rate only once a scraped series moves
     rounds = [add_volumes(stack, 1, pages=4) + [add_volume_with_missing_page(stack, "I0003"), ("W404", "I404")],
@@ -281,7 +281,8 @@ def test_every_panel_answers_from_a_real_prometheus(stack, tmp_path):
             assert any(v > 0 for v in values), (title, first, values)
 
         errors = query(prom_port, "bec_page_errors_total")
-        assert [(r["metric"]["stage"], r["metric"]["error_type"]) for r in errors] == [("fetch", "missing_object")]
+        assert [(r["metric"]["stage"], r["metric"]["error_type"], r["metric"]["class"]) for r in errors] == [
+            ("fetch", "missing_object", "deterministic")]
         eta = [r for t, e in exprs if t == "ETA" for r in query(prom_port, e)]
         # queue empty, pages/s above zero: 0 s left (NaN would mean the join or a division failed)
         assert [(r["metric"], r["value"][1]) for r in eta] == [({"job": "ldv1"}, "0")]

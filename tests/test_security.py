@@ -154,7 +154,7 @@ def test_no_secret_in_outputs_and_metrics_serve_only_metrics(stack, monkeypatch)
         result = bec(*args)
         outputs.append((" ".join(args), result.output + result.stderr))
 
-    q = setup_job(stack, {"max_error_ratio": 0.9})
+    q = setup_job(stack)
     (w, i), = add_volumes(stack, 1, pages=3)
     entries = manifest(stack, w, i) + [{"filename": "gone.jpg"}, {"filename": "../up.jpg"}]
     put_manifest(stack.s3, SOURCE_BUCKET, w, i, entries)  # two error rows, with their messages

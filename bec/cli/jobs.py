@@ -17,8 +17,8 @@ from rich.text import Text
 
 from bec import aws, jobs as jobstore, queues
 from bec.cli.context import AppContext, err, out, pass_app, stale_after_setting, valid_job_name
-from bec.errors import BadInput, BecError, Unavailable
-from bec.ids import check_job_name, queue_names
+from bec.errors import BadInput, BecError, Unavailable, page_error_class
+from bec.ids import check_i_id, check_job_name, check_w_id, queue_names
 from bec.jobkinds import validate_config
 from bec.throughput import TIME_CONSTANT_S, SmoothedRate
 
@@ -41,7 +41,11 @@ def read_config(config_file: str | None, config_text: str | None, job_name: str)
         config = jobstore.parse_config_text(config_text, "--config-text")
     else:
         config = {}
-    return validate_config(job_name, config)
+    notes: list[str] = []
+    config = validate_config(job_name, config, notes)
+    for note in notes:
+        err.print(f"Note: {note}", markup=False)
+    return config
 
 
 @jobs.command("create")
@@ -178,6 +182,8 @@ def _totals_lines(db: Any, job: jobstore.Job, stale_after_s: float) -> list[str]
             f"  Total Tasks: {total['total_tasks']}",
             f"  Total Images: {total['total_images']}",
             f"  Total Errors: {total['total_errors']}",
+            f"  Volumes Done with Page Errors: {total['done_with_errors']} "
+            f"({total['done_errors']} error rows; see `bec jobs errors`)",
             f"  Avg Duration per Task: {float(total['avg_task_ms']):.2f} ms",
             f"  Avg Duration per Page: {float(total['avg_page_ms']):.2f} ms"]
 
@@ -382,35 +388,60 @@ def _when(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def read_error_types(s3: Any, bucket: str, job: str,
-                     rows: list[dict[str, Any]]) -> tuple[dict[str, list[int]], list[str]]:
-    """Sum ``errors_by_type`` of the rows' success.json markers: type → [pages, volumes];
-    with why each unreadable marker could not be read."""
+def read_markers(s3: Any, bucket: str, job: str,
+                 rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None, str]]:
+    """Each row's success.json (in parallel): (row, marker or None, why it could not be read)."""
     from bec.artifacts import success_key
 
-    def fetch(row: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    def fetch(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
         key = success_key(job, row["w_id"], row["i_id"], row["version"])
         try:
             marker = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            return None, f"{key}: {aws.error_code(exc)}"
+            return row, None, f"{key}: {aws.error_code(exc)}"
         except (ValueError, OSError) as exc:
-            return None, f"{key}: {type(exc).__name__}"
+            return row, None, f"{key}: {type(exc).__name__}"
         by_type = marker.get("errors_by_type") if isinstance(marker, dict) else None
-        return (by_type, "") if isinstance(by_type, dict) else (None, f"{key}: no errors_by_type")
+        return (row, marker, "") if isinstance(by_type, dict) else (row, None, f"{key}: no errors_by_type")
 
-    totals: dict[str, list[int]] = {}
-    problems: list[str] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for by_type, problem in pool.map(fetch, rows):
-            if by_type is None:
-                problems.append(problem)
-                continue
-            for kind, count in by_type.items():
-                entry = totals.setdefault(str(kind), [0, 0])
-                entry[0] += int(count or 0)
-                entry[1] += 1
-    return totals, problems
+        return list(pool.map(fetch, rows))
+
+
+def _volume_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, str] | None:
+    """``--volume W22084/I0886`` (or ``W22084,I0886``) → validated ids, before any service."""
+    if value is None:
+        return None
+    parts = value.strip().replace(",", "/").split("/")
+    if len(parts) != 2:
+        raise click.BadParameter(f"expected W_ID/I_ID (e.g. W22084/I0886), got {value.strip()[:60]!r}")
+    try:
+        return check_w_id(parts[0].strip()), check_i_id(parts[1].strip())
+    except BadInput as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _page_error_list(row: dict[str, Any], marker: dict[str, Any], bucket: str, job: str) -> None:
+    """One volume's failed pages, grouped by type, from its success.json."""
+    from bec.artifacts import parquet_key
+
+    out.print()
+    out.print(f"Page errors of {row['w_id']}/{row['i_id']} version {row['version']} (done at attempt "
+              f"{row['attempt']}): {row['nb_errors']} of {row['total_images']} pages", markup=False)
+    listed = marker.get("errors") if isinstance(marker.get("errors"), list) else []
+    if listed:
+        table = Table()
+        for column in ("Error Type", "Class", "Stage", "Page", "Message"):
+            table.add_column(column, overflow="fold")
+        for entry in sorted(listed, key=lambda e: (str(e.get("type")), int(e.get("index") or 0))):
+            table.add_row(Text(str(entry.get("type"))), page_error_class(entry.get("type")),
+                          Text(str(entry.get("stage") or "-")),
+                          Text(f"#{entry.get('index')} {entry.get('file')}"), Text(str(entry.get("message") or "")))
+        out.print(table)
+    where = f"s3://{bucket}/{parquet_key(job, row['w_id'], row['i_id'], row['version'])}"
+    if len(listed) < int(row["nb_errors"] or 0):
+        shown = f"the first {len(listed)} are listed" if listed else "its success.json lists none"
+        out.print(f"  ({shown}; every failed page is a row with ok = false in {where})", markup=False)
 
 
 @jobs.command("errors")
@@ -418,12 +449,17 @@ def read_error_types(s3: Any, bucket: str, job: str,
 @click.option("--limit", type=click.IntRange(1, 100000), default=10, show_default=True,
               help="Failed tasks to list.")
 @click.option("--s3-dest-bucket", default=None, help="Bucket of the artifacts [env BEC_DEST_S3_BUCKET].")
+@click.option("--volume", callback=_volume_option, default=None, metavar="W_ID/I_ID",
+              help="Only this volume; its done version's failed pages are listed one by one.")
 @pass_app
-def errors(app: AppContext, name: str, limit: int, s3_dest_bucket: str | None) -> None:
-    """Recent failed tasks, the most common failure reasons and page errors."""
+def errors(app: AppContext, name: str, limit: int, s3_dest_bucket: str | None,
+           volume: tuple[str, str] | None) -> None:
+    """Recent failed tasks, the most common failure reasons, and the page errors of done
+    volumes by type (deterministic: the page itself; transient: S3 or device trouble)."""
     db = app.db
     job = jobstore.get(db, name)
-    out.print(f"Recent Failed Tasks: {job.name} (id={job.id})")
+    which = f", volume {volume[0]}/{volume[1]}" if volume else ""
+    out.print(f"Recent Failed Tasks: {job.name} (id={job.id}){which}")
     out.print()
     table = Table()
     table.add_column("ID")
@@ -432,14 +468,14 @@ def errors(app: AppContext, name: str, limit: int, s3_dest_bucket: str | None) -
     table.add_column("Attempt", justify="right")
     table.add_column("When (UTC)")
     table.add_column("Error Reason", overflow="fold")
-    for row in jobstore.recent_failures(db, job.id, limit):
+    for row in jobstore.recent_failures(db, job.id, limit, volume):
         table.add_row(str(row["id"]), f"{row['w_id']}/{row['i_id']}", row["status"], str(row["attempt"]),
                       _when(row["at"]), Text(row["error_reason"] or "-"))
     out.print(table)
 
     out.print()
     out.print("Most common failure reasons (numbers aside):")
-    reasons = jobstore.failure_reasons(db, job.id)
+    reasons = jobstore.failure_reasons(db, job.id, volume=volume)
     if reasons:
         table = Table()
         table.add_column("Tasks", justify="right")
@@ -456,20 +492,32 @@ def errors(app: AppContext, name: str, limit: int, s3_dest_bucket: str | None) -
     if not bucket:
         out.print("  (set BEC_DEST_S3_BUCKET or pass --s3-dest-bucket to read them from success.json)")
         return
-    rows = jobstore.recent_done_with_errors(db, job.id, MARKERS_READ)
+    rows = jobstore.recent_done_with_errors(db, job.id, MARKERS_READ, volume)
     if not rows:
         out.print("  none (no done task has page errors)")
         return
     with aws.cli_errors("S3", aws.configured_endpoint("s3")):
-        totals, problems = read_error_types(app.client("s3"), bucket, job.name, rows)
+        markers = read_markers(app.client("s3"), bucket, job.name, rows)
+    totals: dict[str, list[int]] = {}
+    problems = [problem for _row, marker, problem in markers if marker is None]
+    for _row, marker, _problem in markers:
+        for kind, count in (marker or {}).get("errors_by_type", {}).items():
+            entry = totals.setdefault(str(kind), [0, 0])
+            entry[0] += int(count or 0)
+            entry[1] += 1
     table = Table()
     table.add_column("Error Type")
+    table.add_column("Class")
     table.add_column("Pages", justify="right")
     table.add_column("Volumes", justify="right")
     for kind, (pages, volumes) in sorted(totals.items(), key=lambda kv: (-kv[1][0], kv[0])):
-        table.add_row(Text(kind), str(pages), str(volumes))
+        table.add_row(Text(kind), page_error_class(kind), str(pages), str(volumes))
     out.print(table)
     note = f"  from the success.json of the {len(rows)} most recent done volumes with page errors"
     if problems:
         note += f" ({len(problems)} could not be read, e.g. {problems[0]})"
     out.print(note, markup=False)
+    if volume:
+        for row, marker, _problem in markers:
+            if marker is not None:
+                _page_error_list(row, marker, bucket, job.name)

@@ -21,6 +21,33 @@ def precision_on(device_type: str, precision: str) -> str:
     return "fp32" if precision == "fp16" and device_type == "cpu" else precision
 
 
+#: Keys renamed in a release → their new name. A stored job config that still uses an old
+#: name keeps working (the value moves to the new key); giving both is an error.
+RENAMED = {"max_error_ratio": "max_transient_error_ratio"}
+
+
+#: Keys that change how a volume is processed (speed, batching, when to retry), never what a
+#: page's row holds: rows computed before such a key changed are still reused by a resumed
+#: volume (``bec.volumefile.config_digest``).
+OPERATIONAL_KEYS = frozenset({"batch_size", "compile_model", "max_tiles_per_batch", "channels_last",
+                              "batches_in_flight", "max_transient_error_ratio"})
+
+
+def rename_old_keys(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The config with renamed keys under their new names, and a note per key renamed."""
+    config, notes = dict(raw), []
+    for old, new in RENAMED.items():
+        if old not in config:
+            continue
+        if new in config:
+            raise ConfigError(f"ldv1 config keys {old!r} and {new!r} are the same setting "
+                              f"({old!r} is the old name): give {new!r} only")
+        config[new] = config.pop(old)
+        notes.append(f"ldv1 config key {old!r} is now {new!r} (only transient page errors count "
+                     "toward a volume retry); stored under the new name")
+    return config, notes
+
+
 @dataclass(frozen=True)
 class Ldv1Config:
     use_gpu: bool = True
@@ -36,7 +63,10 @@ class Ldv1Config:
     second_pass_angle: float = 3.0   # |skew| from which the rotated page is run again
     dewarp: bool = True              # bent pages are straightened (thin-plate spline) and run again
     tps_alpha: float = 0.5           # the spline's smoothing, written to each row's tps_alpha
-    max_error_ratio: float = 0.1     # share of failed pages above which a volume is retried
+    # Share of a volume's pages with *transient* errors (S3 5xx, throttling, timeouts…) above
+    # which the volume is retried instead of finished. Deterministic page errors (missing,
+    # corrupt, too large…) never count: they are the same on every try (bec.errors).
+    max_transient_error_ratio: float = 0.1
     max_image_pixels: int = 120_000_000  # larger images are refused (decompression bombs)
     # Larger image files are refused before they are read (by the manifest's "size" where it
     # has one, else by the GET's Content-Length): a fetch thread holds a whole file in memory.
@@ -49,6 +79,7 @@ class Ldv1Config:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "Ldv1Config":
+        raw, _notes = rename_old_keys(raw)
         known = {f.name: f for f in fields(cls)}
         for key in raw:
             if key not in known:
@@ -72,7 +103,7 @@ class Ldv1Config:
                 raise ConfigError(f"ldv1 config key {key!r} must be positive")
         if self.tile_size % 32:
             raise ConfigError("ldv1 config key 'tile_size' must be a multiple of 32")
-        for key in ("line_threshold", "max_error_ratio"):
+        for key in ("line_threshold", "max_transient_error_ratio"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"ldv1 config key {key!r} must be between 0 and 1")
         if not 0 <= self.batches_in_flight <= 2:

@@ -10,6 +10,11 @@ flowing while the current one drains.
 Pages lost with a dead process are found from slot ownership (``slots``) and redone; a
 slot that was taken back is retired for a while before reuse, so a late write from a
 stale holder can never land in another page's data.
+
+Page results are not kept until a volume ends: each volume's rows go to its Parquet file
+(``bec.volumefile``) in manifest order as they complete. No page is dispatched more than
+``reorder_window`` pages ahead of the first row not yet written, so the results held while
+an earlier page is still in flight stay bounded, whatever the volume's length.
 """
 from __future__ import annotations
 
@@ -25,10 +30,10 @@ from dataclasses import dataclass, field
 import botocore.exceptions
 import numpy as np
 
-from bec import aws, lifecycle, metrics
+from bec import aws, lifecycle, metrics, partial
 from bec.artifacts import PageOutcome
 from bec.db import Database
-from bec.errors import BadInput, BecError
+from bec.errors import BadInput, BecError, page_error_class
 from bec.lifecycle import Admission, Received, Verdict
 from bec.localarchive import source_client
 from bec.pipeline import slots as S
@@ -37,6 +42,7 @@ from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import (Drain, Fetch, Finished, Gone, PageDone, PageFailed, PipelineReady,
                                    ReleaseNow, Stop, Track, Untrack)
 from bec.pipeline.slots import decode_result
+from bec.volumefile import VolumeFile
 
 log = logging.getLogger("bec.controller")
 
@@ -52,7 +58,7 @@ STOP_RECEIVE_WAIT_S = 5.0  # ... when the supervisor stops the run (it kills the
 class VolumeRun:
     key: int
     adm: Admission
-    outcomes: list[PageOutcome | None]
+    out: VolumeFile          # its rows, written as they complete
     todo: collections.deque[int]
     visible_until: float
     finishing: bool = False
@@ -60,11 +66,15 @@ class VolumeRun:
 
     def __post_init__(self) -> None:
         if self.remaining < 0:
-            self.remaining = len(self.outcomes)
+            self.remaining = len(self.todo)
 
     @property
     def complete(self) -> bool:
         return self.remaining == 0
+
+    @property
+    def pages(self) -> int:
+        return self.out.n
 
 
 @dataclass
@@ -105,6 +115,9 @@ class Controller:
         self.free: collections.deque[int] = collections.deque()
         self.retired: dict[int, float] = {}
         self.dispatched_at = np.zeros(len(self.table), dtype=np.float64)
+        # A page is dispatched only this far ahead of its volume's first unwritten row: the
+        # results that finish ahead of a slow (or redone) page wait in memory for it.
+        self.reorder_window = 2 * len(self.table)
         self.fetch_roles = [f"fetch-{i}" for i in range(p.n_fetch)]
         self.fetch_depth = p.fetch_threads + 2
         self.draining = False
@@ -173,6 +186,8 @@ class Controller:
         for vol in list(self.volumes.values()):
             while vol.todo and self.free:
                 page = vol.todo[0]
+                if page >= vol.out.next_row + self.reorder_window:
+                    break  # this volume waits for an earlier page; the others go on
                 entry = vol.adm.manifest.entries[page]
                 if entry.problem:
                     vol.todo.popleft()
@@ -212,14 +227,14 @@ class Controller:
 
     # -- results -------------------------------------------------------------------------------
     def _record(self, vol: VolumeRun, page: int, outcome: PageOutcome) -> None:
-        if vol.outcomes[page] is None:
-            vol.outcomes[page] = outcome
+        if vol.out.add(page, outcome):
             vol.remaining -= 1
             self.counters.pages += 1
             self.counters.page_errors += int(not outcome.ok)
             metrics.PAGES.labels("ok" if outcome.ok else "error").inc()
             if not outcome.ok:
-                metrics.PAGE_ERRORS.labels(outcome.error_stage or "", outcome.error_type or "").inc()
+                metrics.PAGE_ERRORS.labels(outcome.error_stage or "", outcome.error_type or "",
+                                           page_error_class(outcome.error_type)).inc()
             for stage, ms in zip(("fetch", "decode", "infer", "post"), outcome.timings):
                 if ms > 0:
                     metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
@@ -305,7 +320,7 @@ class Controller:
             vol = self.volumes.get(int(row["volume"]))
             page = int(row["page"])
             self._retire(int(slot))
-            if vol is not None and vol.outcomes[page] is None:
+            if vol is not None and not vol.out.has(page):
                 vol.todo.appendleft(page)
                 self.counters.pages_redone += 1
                 metrics.PAGES_REDONE.inc()
@@ -432,6 +447,8 @@ class Controller:
     def _admit(self, message: Received, label: tuple[str, str] | None, received_at: float) -> None:
         try:
             adm = lifecycle.admit(self.svc, message)
+            if adm.verdict is Verdict.ADMITTED:
+                adm.partial = partial.load(self.svc, adm)  # an earlier attempt's finished pages
         except Exception as exc:  # never lose track of a message because of a bug
             log.exception("admission of message %s failed", message.message_id)
             adm = Admission(Verdict.RETRY, message, reason=f"{type(exc).__name__}: {exc}")
@@ -466,25 +483,36 @@ class Controller:
                      adm.label, mid, lifecycle.recheck_delay_s(self.svc))
         elif self.draining or self.stopping:
             lifecycle.release(self.svc, adm, "released: worker shutting down")
+            if adm.partial is not None and adm.partial.resume is not None:
+                adm.partial.resume.release()
             self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))
         else:
             key = self.next_key
             self.next_key += 1
             n = len(adm.manifest.entries)
-            self.volumes[key] = VolumeRun(key, adm, [None] * n, collections.deque(range(n)),
+            out = VolumeFile(n, partial.file_metadata(self.svc), adm.partial.resume if adm.partial else None)
+            todo = out.to_do()
+            metrics.PAGES_RESUMED.inc(n - len(todo))
+            self.volumes[key] = VolumeRun(key, adm, out, collections.deque(todo),
                                           received_at + self.p.visibility_timeout)
             self.active_labels.add((adm.w_id, adm.i_id))
             log.info("Processing message: %s for volume %s (%d pages, version %s, attempt %d)",
                      mid, adm.label, n, adm.manifest.version, adm.attempt)
+            if not todo:  # every page was finished by an earlier attempt
+                vol = self.volumes[key]
+                vol.finishing = True
+                self.finish_pool.submit(self._finish, vol)
 
     # -- finish (thread) -----------------------------------------------------------------------
     def _finish(self, vol: VolumeRun) -> None:
         try:
-            verdict = lifecycle.finish(self.svc, vol.adm, list(vol.outcomes))  # type: ignore[arg-type]
+            verdict = lifecycle.finish(self.svc, vol.adm, vol.out)
         except Exception as exc:
             log.exception("finishing %s failed", vol.adm.label)
             lifecycle.retry_later(self.svc, vol.adm, f"{type(exc).__name__}: {exc}")
             verdict = Verdict.RETRY
+        finally:
+            vol.out.discard()
         self.events.put(("finished", vol.key, verdict))
 
     def on_finished(self, key: int, verdict: Verdict) -> None:
@@ -493,8 +521,8 @@ class Controller:
             return
         self.active_labels.discard((vol.adm.w_id, vol.adm.i_id))
         self.ctx.mailbox.send("supervisor", Untrack(vol.adm.message.receipt))
-        pages = len(vol.outcomes)
-        errors = sum(1 for o in vol.outcomes if o is not None and not o.ok)
+        pages, tally = vol.pages, vol.out.tally
+        errors = tally.nb_errors
         seconds = time.time() - vol.adm.claimed_at
         if verdict is Verdict.NOT_CLAIMABLE:  # taken over while it ran: lifecycle.let_go said so
             metrics.VOLUMES.labels("taken_over").inc()
@@ -504,17 +532,21 @@ class Controller:
             metrics.VOLUME_SECONDS.observe(seconds)
             self.counters.volumes_done += 1
             log.info("Successfully processed message: %s", vol.adm.message.message_id)
-            log.info("volume %s v%s done: %d pages, %d errors, %.1f s (%.0f ms/page)",
-                     vol.adm.label, vol.adm.manifest.version, pages, errors, seconds,
-                     1000 * seconds / max(1, pages),
+            log.info("volume %s v%s done: %d pages, %d errors (%d transient), %d resumed, %.1f s "
+                     "(%.0f ms/page); %d row groups, at most %d page results held",
+                     vol.adm.label, vol.adm.manifest.version, pages, errors, tally.transient_errors,
+                     tally.resumed, seconds, 1000 * seconds / max(1, pages), vol.out.row_groups,
+                     vol.out.held_max,
                      extra={"volume": vol.adm.label, "outcome": "done", "pages": pages,
-                            "errors": errors, "seconds": round(seconds, 3)})
+                            "errors": errors, "transient_errors": tally.transient_errors,
+                            "resumed": tally.resumed, "seconds": round(seconds, 3),
+                            "row_groups": vol.out.row_groups, "held_max": vol.out.held_max})
         else:
             self.counters.volumes_retry += 1
-            log.warning("volume %s v%s not done (%d pages, %d errors): will be retried",
-                        vol.adm.label, vol.adm.manifest.version, pages, errors,
+            log.warning("volume %s v%s not done (%d pages, %d errors, %d transient): will be retried",
+                        vol.adm.label, vol.adm.manifest.version, pages, errors, tally.transient_errors,
                         extra={"volume": vol.adm.label, "outcome": "retry", "pages": pages,
-                               "errors": errors})
+                               "errors": errors, "transient_errors": tally.transient_errors})
 
     # -- visibility (thread) -------------------------------------------------------------------
     def extender(self) -> None:
@@ -536,6 +568,7 @@ class Controller:
             if vol.finishing:
                 continue
             self.volumes.pop(key, None)
+            vol.out.discard()
             lifecycle.release(self.svc, vol.adm, reason)  # settles it: never extended again
             metrics.VOLUMES.labels("released").inc()
             self.active_labels.discard((vol.adm.w_id, vol.adm.i_id))

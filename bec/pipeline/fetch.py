@@ -60,6 +60,9 @@ class Fetcher:
             self._process(msg)
         except PageError as exc:
             self.ctx.fail_page(msg.slot, msg.gen, exc.stage, exc.kind, str(exc))
+        except MemoryError:  # the host's trouble (the pixel limit was checked): transient
+            self.ctx.fail_page(msg.slot, msg.gen, "decode", "out_of_memory",
+                               f"out of memory while decoding {msg.key}")
         except Exception as exc:  # an unexpected bug must not take the process down
             self.ctx.log.exception("fetch of %s failed unexpectedly", msg.key)
             self.ctx.fail_page(msg.slot, msg.gen, "decode", "internal_error", f"{type(exc).__name__}: {exc}")
@@ -111,12 +114,8 @@ class Fetcher:
                 obj["Body"].close()
                 raise self._too_large(bucket, key, len(data), "at least, read")
             return data, obj.get("ETag", "").strip('"')
-        except botocore.exceptions.ClientError as exc:
-            if aws.is_not_found(exc):
-                raise PageError("fetch", "missing_object", f"s3://{bucket}/{key} does not exist") from None
-            raise PageError("fetch", "s3_error", f"GET s3://{bucket}/{key}: {aws.error_code(exc)}") from None
-        except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise PageError("fetch", "s3_error", f"GET s3://{bucket}/{key}: {type(exc).__name__}: {exc}") from None
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise aws.page_get_error(exc, bucket, key) from None
 
 
 def run(ctx: ChildContext) -> None:
