@@ -334,7 +334,7 @@ class Controller:
             return False
         self.next_db_probe = now + 5.0
         try:
-            self.db.row("SELECT 1 AS ok")
+            self.db.writable()  # a read-only server answers SELECT 1 and refuses every claim
         except BecError:
             return False
         log.info("PostgreSQL answers again: receiving resumes")
@@ -465,13 +465,27 @@ class Controller:
 
     # -- finish (thread) -----------------------------------------------------------------------
     def _finish(self, vol: VolumeRun) -> None:
+        """Always reports back, whatever fails: a finish that raised left the volume
+        ``finishing`` for ever, its row running and its message extended without end."""
+        verdict = Verdict.RETRY
         try:
             verdict = lifecycle.finish(self.svc, vol.adm, list(vol.outcomes))  # type: ignore[arg-type]
         except Exception as exc:
             log.exception("finishing %s failed", vol.adm.label)
-            lifecycle.retry_later(self.svc, vol.adm, f"{type(exc).__name__}: {exc}")
-            verdict = Verdict.RETRY
-        self.events.put(("finished", vol.key, verdict))
+            verdict = self._retry_after_bug(vol.adm, exc)
+        finally:
+            self.events.put(("finished", vol.key, verdict))
+
+    def _retry_after_bug(self, adm: Admission, exc: Exception) -> Verdict:
+        """An unclassified error (a bug): route the volume to a retry; if even that fails, stop
+        extending its message, which SQS then shows again after its visibility timeout."""
+        try:
+            return lifecycle.retry_later(self.svc, adm, f"{type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("could not record the failure of %s: its message returns after its "
+                          "visibility timeout", adm.label)
+            adm.message.settled.set()
+            return Verdict.RETRY
 
     def on_finished(self, key: int, verdict: Verdict) -> None:
         vol = self.volumes.pop(key, None)
@@ -508,13 +522,19 @@ class Controller:
         margin = max(1.0, vt / 2)
         while not self.stopping:
             time.sleep(min(1.0, max(0.2, vt / 6)))
-            now = time.monotonic()
-            due = {id(v.adm.message): v for v in list(self.volumes.values())
-                   if now > v.visible_until - margin}
-            messages = [v.adm.message for v in due.values()]
-            for start in range(0, len(messages), 10):
-                for message in lifecycle.extend_visibility(self.svc, messages[start:start + 10], vt):
-                    due[id(message)].visible_until = now + vt
+            try:
+                self._extend_due(vt, margin)
+            except Exception:  # a bug: reported, and extensions go on
+                log.exception("visibility extension failed unexpectedly")
+
+    def _extend_due(self, vt: int, margin: float) -> None:
+        now = time.monotonic()
+        due = {id(v.adm.message): v for v in list(self.volumes.values())
+               if now > v.visible_until - margin}
+        messages = [v.adm.message for v in due.values()]
+        for start in range(0, len(messages), 10):
+            for message in lifecycle.extend_visibility(self.svc, messages[start:start + 10], vt):
+                due[id(message)].visible_until = now + vt
 
     # -- shutdown ------------------------------------------------------------------------------
     def release_all(self, reason: str) -> None:

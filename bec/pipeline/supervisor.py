@@ -217,12 +217,16 @@ class Supervisor:
 
     # -- heartbeat -----------------------------------------------------------------------------
     def heartbeat(self) -> None:
+        """Nothing may end this thread but the stop: a worker whose heartbeat stopped looks
+        dead while it works, and another worker takes its volumes over and runs them twice."""
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
             try:
                 tasks.heartbeat(self.db, self.p.worker_id)
                 metrics.HEARTBEAT.set_to_current_time()
             except BecError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:  # unclassified: a bug, reported, and the heartbeat goes on
+                log.exception("heartbeat failed unexpectedly; trying again in %.0f s", HEARTBEAT_S)
 
     # -- signals -------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any) -> None:
