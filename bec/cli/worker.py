@@ -123,7 +123,8 @@ def _check_worker_extras() -> None:
 
 
 def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
-    """Both buckets exist before the first volume is taken (see ``aws.check_bucket``)."""
+    """Both buckets exist, and a missing object reads as missing, before the first volume is
+    taken (see ``aws.check_bucket``)."""
     from bec.localarchive import is_local, local_root
 
     s3 = aws.client("s3", region, max_attempts=2)
@@ -137,9 +138,7 @@ def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
         checks.insert(0, (source_bucket, "source", "--s3-source-bucket / BEC_SOURCE_S3_BUCKET"))
     for bucket, role, setting in checks:
         with aws.cli_errors(f"S3 {role} bucket {bucket}", aws.endpoint_of(s3)):
-            if not aws.check_bucket(s3, bucket, role, setting):
-                log.warning("Cannot check that the %s bucket %s exists (HeadBucket is denied); "
-                            "going on", role, bucket)
+            aws.check_bucket(s3, bucket, role, setting)
 
 
 def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
