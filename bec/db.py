@@ -22,9 +22,12 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bec.config import DbParams
-from bec.errors import DatabaseUnavailable
+from bec.errors import BadInput, DatabaseUnavailable
 
 SCHEMA_LOCK_KEY = 0x0BEC_5C4E  # advisory lock serialising concurrent schema applies
+#: Columns the latest schema added, checked at first use: code that needs them must not run
+#: against an older schema (a claim would fail on every volume).
+NEWEST_COLUMNS = (("task_executions", "claim_token"),)
 
 #: libpq's TCP settings: an idle connection is probed after 10 s and given up after 3 unanswered
 #: probes 5 s apart; data left unacknowledged for 20 s fails the connection (instead of the
@@ -168,10 +171,17 @@ class Database:
             conn.execute(schema_sql())
 
     def ensure_schema(self) -> None:
-        """Apply the schema on first use (cheap check when it is already there)."""
+        """Apply the schema on first use (cheap check when it is already there); refuse, in one
+        line, a schema older than this release (``bec db init`` completes it)."""
         found = self.row("SELECT to_regclass('task_executions') IS NOT NULL AS present")
         if not (found and found["present"]):
             self.apply_schema()
+            return
+        for table, column in NEWEST_COLUMNS:
+            if not self.row("SELECT 1 AS present FROM information_schema.columns WHERE table_schema = "
+                            "current_schema() AND table_name = %s AND column_name = %s", (table, column)):
+                raise BadInput(f"the database schema at {self.params.describe()} is older than this BEC "
+                               f"({table} has no {column}): run `bec db init` once to complete it")
 
 
 def is_unavailable(exc: BaseException) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +43,35 @@ class DirectoryS3:
             {"Error": {"Code": "NoSuchKey", "Message": f"{key} not found"},
              "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject")
 
-    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+    def get_object(self, Bucket: str, Key: str,  # noqa: N803 - boto3's names
+                   IfUnmodifiedSince: datetime | None = None) -> dict[str, Any]:  # noqa: N803
+        if not self.root.is_dir():  # an unmounted archive: the whole source is gone, not a key
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "NoSuchBucket", "Message": f"{self.root} is not a folder"},
+                 "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject")
         path = self._path(Key)
         try:
             data = path.read_bytes()
             stat = os.stat(path)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._missing(Key) from None
+        if IfUnmodifiedSince is not None and stat.st_mtime > IfUnmodifiedSince.timestamp():
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "PreconditionFailed", "Message": "At least one of the pre-conditions "
+                           "you specified did not hold"}, "ResponseMetadata": {"HTTPStatusCode": 412}},
+                "GetObject")
         etag = f'"{stat.st_mtime_ns:x}{stat.st_size:x}"'
         return {"Body": io.BytesIO(data), "ETag": etag, "ContentLength": len(data)}
+
+
+def probe_client(bucket: str, region: str) -> Any:
+    """The client ``aws.probe`` asks whether the archive can serve objects now: the folder
+    itself, or a single-try S3 client."""
+    if is_local(bucket):
+        return DirectoryS3(bucket)
+    from bec import aws
+
+    return aws.single_try_client("s3", region)
 
 
 def source_client(bucket: str, region: str, **kwargs: Any) -> Any:

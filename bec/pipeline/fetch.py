@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any
 
 import botocore.exceptions
 
 from bec import aws, imaging
 from bec.errors import PageError
-from bec.localarchive import source_client
+from bec.localarchive import probe_client, source_client
 from bec.ldv1.preprocess import adaptive_threshold_into, frame_size
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
-from bec.pipeline.messages import Fetch, FrameReady
+from bec.pipeline.messages import PAGE_CHANGED as CHANGED, PAGE_S3_UNAVAILABLE as UNAVAILABLE, Fetch, FrameReady
 
 
 def frame_for(config: dict[str, Any], area_bytes: int):
@@ -43,6 +44,7 @@ class Fetcher:
         self.ctx = ctx
         p = ctx.pipeline
         self.s3 = source_client(p.source_bucket, p.region, pool=p.fetch_threads + 2)
+        self.probe_client = probe_client(p.source_bucket, p.region)
         self.rule = frame_for(p.config, ctx.slots.layout.area_bytes)
         self.max_pixels = int(p.config["max_image_pixels"])
         self.threshold_here = p.threshold_in_fetch
@@ -66,7 +68,7 @@ class Fetcher:
     def _process(self, msg: Fetch) -> None:
         pool, slot = self.ctx.slots, msg.slot
         t0 = time.perf_counter()
-        data, etag = self._get(msg.bucket, msg.key)
+        data, etag = self._get(msg.bucket, msg.key, msg.not_after)
         t1 = time.perf_counter()
         decoded = imaging.decode(data, self.max_pixels, self.rule)
         if not self._still_ours(msg):
@@ -89,16 +91,25 @@ class Fetcher:
         role = f"infer-{msg.slot % self.ctx.pipeline.n_infer}"
         self.ctx.hand_over(slot, msg.gen, S.INFER, role, FrameReady(slot, msg.gen))
 
-    def _get(self, bucket: str, key: str) -> tuple[bytes, str]:
+    def _get(self, bucket: str, key: str, not_after: float = 0.0) -> tuple[bytes, str]:
+        """The object's bytes and ETag. With ``not_after`` (the time its manifest was read), an
+        object modified since belongs to a newer version of the volume: the page is refused
+        (``changed_after_manifest``) instead of mixing two versions in one volume's result."""
+        pin = {"IfUnmodifiedSince": datetime.fromtimestamp(not_after, timezone.utc)} if not_after else {}
         try:
-            obj = self.s3.get_object(Bucket=bucket, Key=key)
+            obj = self.s3.get_object(Bucket=bucket, Key=key, **pin)
             return obj["Body"].read(), obj.get("ETag", "").strip('"')
-        except botocore.exceptions.ClientError as exc:
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
+            where = f"s3://{bucket}/{key}"
             if aws.is_not_found(exc):
-                raise PageError("fetch", "missing_object", f"s3://{bucket}/{key} does not exist") from None
-            raise PageError("fetch", "s3_error", f"GET s3://{bucket}/{key}: {aws.error_code(exc)}") from None
-        except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise PageError("fetch", "s3_error", f"GET s3://{bucket}/{key}: {type(exc).__name__}: {exc}") from None
+                raise PageError("fetch", "missing_object", f"{where} does not exist") from None
+            if aws.error_code(exc) in {"PreconditionFailed", "412"}:
+                raise PageError("fetch", CHANGED, f"{where} was modified after its manifest was read") from None
+            down = aws.probe(self.probe_client, bucket)
+            if down:  # S3 itself, not this object: the controller pauses and gives the volume back
+                raise PageError("fetch", UNAVAILABLE, f"GET {where}: {aws.error_code(exc)} (S3 is "
+                                                      f"unavailable: {down})") from None
+            raise PageError("fetch", "s3_error", f"GET {where}: {aws.error_code(exc)}: {exc}"[:500]) from None
 
 
 def run(ctx: ChildContext) -> None:

@@ -44,6 +44,7 @@ class Fetch(Message):
     gen: int
     bucket: str
     key: str
+    not_after: float = 0.0  # epoch s: refuse an object modified since (its manifest's read)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,12 @@ class PageDone(Message):
     kind: ClassVar[str] = "done"
     slot: int
     gen: int
+
+
+#: ``PageFailed.error`` values that are not the page's fault: the controller gives the volume
+#: back (unspent) instead of writing an error row.
+PAGE_S3_UNAVAILABLE = "s3_unavailable"          # S3 as a whole fails (outage, credentials)
+PAGE_CHANGED = "changed_after_manifest"         # the volume is being rewritten under us
 
 
 @dataclass(frozen=True)
