@@ -346,10 +346,8 @@ def settle_done(svc: Services, adm: Admission, total_images: int, nb_errors: int
     try:
         ours = tasks.mark_done(svc.db, adm.task_id, svc.worker_id, adm.attempt, total_images, nb_errors,
                                duration_ms)
-    except Unavailable as exc:
-        log.warning("volume %s: recording done failed (%s): its message is kept until the database "
-                    "answers", adm.label, exc)
-        adm.unavailable, adm.reason = "database", f"recording done: {exc}"
+    except Unavailable as exc:  # the caller says so (it holds the message)
+        adm.unavailable, adm.reason = "database", f"recording done failed: {exc}"
         adm.pending = lambda: settle_done(svc, adm, total_images, nb_errors, duration_ms)
         return Verdict.HELD
     if not ours:
@@ -408,10 +406,8 @@ def _record_failure(svc: Services, adm: Admission, reason: str, what: str, **cou
                                  reason=reason, **counts):
             let_go(svc, adm, what)
             return Verdict.NOT_CLAIMABLE
-    except Unavailable as exc:
-        log.warning("could not record that this worker %s volume %s (%s): its message is kept until "
-                    "the database answers", what, adm.label, exc)
-        adm.unavailable = "database"
+    except Unavailable as exc:  # the caller says so (it holds the message)
+        adm.unavailable, adm.reason = "database", f"could not record that this worker {what}: {exc}"
         return Verdict.HELD
     return None
 

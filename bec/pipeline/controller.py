@@ -54,6 +54,7 @@ DONE_MESSAGE_LOST_S = 10.0  # a slot handed to us this long ago with no message:
 RECEIVE_GRACE_S = 2.0    # beyond the long poll's own wait, for a receive in flight at the end
 STOP_RECEIVE_WAIT_S = 5.0  # ... when the supervisor stops the run (it kills the controller at 10 s)
 PROBE_EVERY_S = 5.0      # how often a service found unavailable is asked again
+CRASH_BUDGET = 2         # crashes of its holder while working on a page before it is an error row
 
 
 @dataclass
@@ -65,6 +66,8 @@ class VolumeRun:
     visible_until: float
     finishing: bool = False
     remaining: int = -1  # pages without an outcome yet
+    # page → crashes of a process while it worked on that page (decode, post-processing)
+    crashes: collections.Counter = field(default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
         if self.remaining < 0:
@@ -209,13 +212,13 @@ class Controller:
                 gen = int(row["gen"]) + 1
                 row["gen"] = gen
                 row["volume"], row["page"], row["pass_no"] = vol.key, page, 1
-                row["rotation"], row["binary_ready"], row["result_len"] = 0.0, 0, 0
+                row["rotation"], row["binary_ready"], row["result_len"], row["busy"] = 0.0, 0, 0, 0
                 for name in ("fetch_ms", "decode_ms", "infer_ms", "post_ms"):
                     row[name] = 0.0
                 row["owner"] = self.ctx.pid_of(role)
                 row["state"] = S.FETCH
                 msg = Fetch(slot, gen, self.p.source_bucket, vol.adm.manifest.key(entry),
-                            vol.adm.manifest.read_at)
+                            vol.adm.manifest.read_at, alone=page in vol.crashes)
                 try:
                     sent = self.ctx.mailbox.try_send(role, msg)
                 except Gone:
@@ -337,13 +340,34 @@ class Controller:
                 why = "stuck" if stuck else "died"
             vol = self.volumes.get(int(row["volume"]))
             page = int(row["page"])
+            state, busy = int(row["state"]), why == "died" and bool(row["busy"])
             self._retire(int(slot))
-            if vol is not None and vol.outcomes[page] is None:
-                vol.todo.appendleft(page)
-                self.counters.pages_redone += 1
-                metrics.PAGES_REDONE.inc()
-                log.info("redoing page %d of %s (holder %s)", page, vol.adm.label, why)
+            if vol is None or vol.outcomes[page] is not None:
+                continue
+            if busy:
+                vol.crashes[page] += 1
+                if vol.crashes[page] >= CRASH_BUDGET:
+                    self._crashed(vol, page, state)
+                    continue
+            vol.todo.appendleft(page)
+            self.counters.pages_redone += 1
+            metrics.PAGES_REDONE.inc()
+            log.info("redoing page %d of %s (holder %s)", page, vol.adm.label,
+                     f"{why} while working on it: redone alone" if busy else why)
         self._done_since = done_since
+
+    def _crashed(self, vol: VolumeRun, page: int, state: int) -> None:
+        """A page whose holder died twice while working on it: an error row, and the worker goes
+        on. Requeued without limit, one such page crashed its decoder until the supervisor gave
+        up on the role and stopped the worker, releasing every volume in flight, and so on, on
+        every worker that took the volume."""
+        entry = vol.adm.manifest.entries[page]
+        stage, kind = ("post", "crashed_postprocess") if state == S.POST else ("decode", "crashed_decoder")
+        log.warning("page %d (%s) of %s crashed its %s process %d times: recorded as an error",
+                    page, entry.filename, vol.adm.label, stage, vol.crashes[page])
+        self._record(vol, page, PageOutcome.failed(
+            entry.filename, stage, kind,
+            f"the {stage} process died {vol.crashes[page]} times while working on this page"))
 
     # -- SQS receive (thread) ------------------------------------------------------------------
     def _want_more(self) -> int:

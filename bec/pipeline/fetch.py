@@ -8,10 +8,12 @@ processes). Per-page failures become ``PageFailed`` for the controller.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 import botocore.exceptions
 
@@ -49,6 +51,11 @@ class Fetcher:
         self.max_pixels = int(p.config["max_image_pixels"])
         self.threshold_here = p.threshold_in_fetch
         self.index = int(ctx.spec.role.rsplit("-", 1)[1])
+        # Decodes run side by side, except a suspect's (``Fetch.alone``), which runs with no
+        # other: if it crashes the process again, it alone is blamed (see ``Controller.scan``).
+        self.gate = threading.Condition()
+        self.decoding = 0
+        self.exclusive = False
 
     def _still_ours(self, msg: Fetch) -> bool:
         row = self.ctx.slots.table[msg.slot]
@@ -70,7 +77,8 @@ class Fetcher:
         t0 = time.perf_counter()
         data, etag = self._get(msg.bucket, msg.key, msg.not_after)
         t1 = time.perf_counter()
-        decoded = imaging.decode(data, self.max_pixels, self.rule)
+        with self._decoding(msg):
+            decoded = imaging.decode(data, self.max_pixels, self.rule)
         if not self._still_ours(msg):
             return  # a GET can outlast a slot's rest (a restarted controller retired it): write nothing
         fw, fh = self.rule(decoded.width, decoded.height)
@@ -90,6 +98,28 @@ class Fetcher:
         row["etag"] = etag.encode()[:S.ETAG_BYTES]
         role = f"infer-{msg.slot % self.ctx.pipeline.n_infer}"
         self.ctx.hand_over(slot, msg.gen, S.INFER, role, FrameReady(slot, msg.gen))
+
+    @contextlib.contextmanager
+    def _decoding(self, msg: Fetch) -> Iterator[None]:
+        """Marks the slot ``busy`` while its page decodes: a decoder that crashes the process
+        (libtiff, libjpeg on a malformed file) is charged to the pages being decoded, not to
+        every page the process held."""
+        with self.gate:
+            self.gate.wait_for(lambda: not self.exclusive and (not msg.alone or self.decoding == 0))
+            self.decoding += 1
+            self.exclusive = msg.alone
+        row = self.ctx.slots.table[msg.slot]
+        row["busy"] = 1
+        try:
+            yield
+        finally:
+            if int(row["gen"]) == msg.gen:
+                row["busy"] = 0
+            with self.gate:
+                self.decoding -= 1
+                if msg.alone:
+                    self.exclusive = False
+                self.gate.notify_all()
 
     def _get(self, bucket: str, key: str, not_after: float = 0.0) -> tuple[bytes, str]:
         """The object's bytes and ETag. With ``not_after`` (the time its manifest was read), an

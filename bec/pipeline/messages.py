@@ -45,6 +45,7 @@ class Fetch(Message):
     bucket: str
     key: str
     not_after: float = 0.0  # epoch s: refuse an object modified since (its manifest's read)
+    alone: bool = False     # a page whose decoder crashed before: decoded with no other page
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,16 @@ class Post:
         started = time.perf_counter()
         h, w = int(row["frame_h"]), int(row["frame_w"])
         pass_no, rotation = int(row["pass_no"]), float(row["rotation"])
+        row["busy"] = 1  # a crash now is this page's doing (see Controller.scan)
         try:
             lines = find_lines(pool.mask(msg.slot, h, w), (int(row["orig_w"]), int(row["orig_h"])),
                                rotation=rotation)
         except Exception as exc:
+            row["busy"] = 0
             self.ctx.log.exception("post-processing failed")
             self.ctx.fail_page(msg.slot, msg.gen, "post", "postprocess_error", f"{type(exc).__name__}: {exc}")
             return
+        row["busy"] = 0
         if pass_no == 1 and abs(lines.angle) >= self.second_pass_angle and needs_second_pass(lines.angle):
             self._second_pass(msg, lines.angle, h, w)
             row["post_ms"] = row["post_ms"] + (time.perf_counter() - started) * 1000

@@ -147,6 +147,7 @@ class Supervisor:
         self.ledger: set[str] = set()  # receipts of the messages the controller holds
         self.unreleased = ""  # a dead controller's tasks and messages wait for release (the reason)
         self.next_release_try = 0.0
+        self.release_warned = False
         self.signals = 0
         self._said: set[bool] = set()  # which signal reactions were logged (a retried one is not)
         self.finished: str | None = None
@@ -225,10 +226,12 @@ class Supervisor:
         try:
             tasks.release_running(self.db, self.p.worker_id, reason)
         except Unavailable as exc:
-            if self.ledger:
+            if self.ledger and not self.release_warned:
                 log.warning("could not mark this worker's tasks retryable (%s): their %d message(s) are "
                             "not released until it can", exc, len(self.ledger))
+            self.release_warned = True
             return False
+        self.release_warned = False
         for receipt in list(self.ledger):
             try:
                 self.sqs.change_message_visibility(QueueUrl=self.p.queue_url, ReceiptHandle=receipt,
