@@ -10,11 +10,13 @@ import time
 import pytest
 
 from bec.archive import volume_prefix
-from conftest import SOURCE_BUCKET
+from bec.artifacts import success_key
+from bec.devstack.volumes import put_manifest
+from conftest import DEST_BUCKET, SOURCE_BUCKET
 from dbfaults import read_only_database
 from faultproxy import DENY_MISSING, EXPIRED, PASS, RESET, PgReplyCutter, S3FaultProxy
 from workerkit import (no_shm_leak,  # noqa: F401 - fixture
-                       add_repeated_volume, add_volumes, enqueue, manifest, queue_counts, read_parquet, setup_job,
+                       JOB, add_repeated_volume, add_volumes, enqueue, manifest, queue_counts, read_parquet, setup_job,
                        start_worker, tasks)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
@@ -143,6 +145,17 @@ def test_an_s3_outage_pauses_the_worker_and_sends_nothing_to_the_dlq(stack, s3_p
     assert queue_counts(stack, q["queue"]) == (0, 0) and queue_counts(stack, q["dlq"]) == (0, 0)
 
 
+def version_of(stack, w: str, i: str) -> str:
+    return stack.db.row("SELECT last_s3_etag FROM volumes WHERE bdrc_w_id = %s AND bdrc_i_id = %s", (w, i))["last_s3_etag"]
+
+
+def wait_for_object(stack, bucket: str, key: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while stack.s3.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0) == 0:
+        assert time.monotonic() < deadline, f"no s3://{bucket}/{key} within {timeout} s"
+        time.sleep(0.2)
+
+
 # -- 4. a database that turned read-only ----------------------------------------------------------
 def test_a_read_only_database_is_waited_out_by_the_heartbeat_and_a_finishing_volume(stack):
     """What a worker connected to a demoted writer sees: ReadOnlySqlTransaction on every write.
@@ -150,14 +163,13 @@ def test_a_read_only_database_is_waited_out_by_the_heartbeat_and_a_finishing_vol
     and another could take its volume over), and wedged a finishing volume (success.json
     written, row running, message extended for ever)."""
     q = setup_job(stack)
-    add_repeated_volume(stack, "W1", "I1", 60)
+    add_repeated_volume(stack, "W1", "I1", 150)
     enqueue(stack, q["queue"], [("W1", "I1")])
     run = start_worker(stack, "--shutdown-after-empty", "3")
     run.wait_for("Processing message: ", timeout=60)
     with read_only_database(stack.db_params) as admin:
-        run.wait_for("recording done failed", timeout=60)     # the volume finished meanwhile
-        run.wait_for("heartbeat failed", timeout=30)
-        time.sleep(1)
+        wait_for_object(stack, DEST_BUCKET, success_key(JOB, "W1", "I1", version_of(stack, "W1", "I1")))
+        time.sleep(6)  # a heartbeat and the "done" write fail meanwhile
         assert admin.execute("SELECT status::text FROM task_executions").fetchone()[0] == "running"
         assert queue_counts(stack, q["queue"]) == (0, 1)       # the message is still held
         reset_at = admin.execute("SELECT now()").fetchone()[0]
@@ -185,10 +197,43 @@ def test_a_dead_controllers_messages_wait_for_its_rows_to_be_released(stack):
     with read_only_database(stack.db_params):
         kids["controller"].kill()
         run.wait_for("controller (pid", timeout=10)
-        run.wait_for("are not released until it can", timeout=30)
-        time.sleep(6)
+        time.sleep(8)  # its release is tried, and fails, every 5 s
         assert queue_counts(stack, q["queue"]) == (0, 1) and queue_counts(stack, q["dlq"]) == (0, 0)
+        assert "are not released until it can" in run.output
     assert run.wait(180) == 0, run.output
     [row] = tasks(stack)
     assert (row["status"], row["attempt"]) == ("done", 2), row
+    assert queue_counts(stack, q["queue"]) == (0, 0) and queue_counts(stack, q["dlq"]) == (0, 0)
+
+
+# -- 10. a volume rewritten while it runs ----------------------------------------------------------
+def test_a_volume_rewritten_while_it_runs_is_not_mixed_but_processed_at_its_new_version(stack):
+    """The archive rewrites a volume (new images, then a new manifest) while a worker processes
+    it. Before: page GETs were not pinned to the manifest read, so the result of the old
+    version mixed in new images, and was recorded done; the new version waited for a message
+    that never came. Now a page modified after the manifest was read is refused, the volume is
+    given back unspent, and processed again at its new version."""
+    q = setup_job(stack)
+    add_repeated_volume(stack, "W1", "I1", 400)
+    entries = manifest(stack, "W1", "I1")
+    enqueue(stack, q["queue"], [("W1", "I1")])
+    run = start_worker(stack, "--shutdown-after-empty", "10", "--stale-after", "3")
+    run.wait_for("Processing message: ", timeout=60)
+    time.sleep(1.5)  # S3 keeps modification times in whole seconds
+    prefix = volume_prefix("W1", "I1")
+    last = entries[-1]["filename"]
+    new_image = stack.s3.get_object(Bucket=SOURCE_BUCKET, Key=prefix + entries[0]["filename"])["Body"].read() + b"\0"
+    stack.s3.put_object(Bucket=SOURCE_BUCKET, Key=prefix + last, Body=new_image)
+    new_version = put_manifest(stack.s3, SOURCE_BUCKET, "W1", "I1", entries[:-1] + [{**entries[-1], "width": 1}])
+    assert run.wait(180) == 0, run.output
+    assert "the volume changed while it ran" in run.output, run.output
+    rows = {r["s3_etag"]: r for r in tasks(stack)}
+    assert new_version in rows and rows[new_version]["status"] == "done", (rows, run.output)
+    old = [r for v, r in rows.items() if v != new_version]
+    assert [r["status"] for r in old] == ["retryable_failed"] and "changed while it ran" in old[0]["error_reason"]
+    listed = {o["Key"] for o in stack.s3.list_objects_v2(Bucket=DEST_BUCKET).get("Contents", [])}
+    assert all(f"/{new_version}/" in key for key in listed), listed  # nothing written for the old version
+    pages = read_parquet(stack, "W1", "I1", new_version)
+    head = stack.s3.head_object(Bucket=SOURCE_BUCKET, Key=prefix + last)
+    assert pages[-1]["img_s3_etag"] == head["ETag"].strip('"')
     assert queue_counts(stack, q["queue"]) == (0, 0) and queue_counts(stack, q["dlq"]) == (0, 0)

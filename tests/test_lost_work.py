@@ -216,3 +216,20 @@ def test_extensions_stop_at_sqs_12_hour_limit(stack, world, caplog):
         assert lifecycle.extend_visibility(svc, [past], 300) == []
         assert lifecycle.extend_visibility(svc, [past], 300) == []
     assert caplog.text.count("reached SQS's 12-hour visibility limit") == 1
+
+
+# -- 10. a version whose worker died while the manifest changed ---------------------------------
+def test_claiming_a_new_version_drops_an_old_one_left_running_by_a_dead_worker(stack, world):
+    """Before: the old version stayed ``running`` for ever (no message names it any more), and
+    counted as running in every statistic. One held by a live worker is left to it."""
+    db, job = stack.db, world["job_id"]
+    volume = tasks.ensure_volume(db, "W1", "I1", "aaaaaa", 2)
+    dead = tasks.register_worker(db, "dead", job, {})
+    live = tasks.register_worker(db, "live", job, {})
+    assert tasks.claim(db, job, volume, "aaaaaa", dead, 2) is not None
+    assert tasks.claim(db, job, volume, "bbbbbb", live, 2) is not None
+    db.execute("UPDATE workers SET last_heartbeat_at = now() - interval '5 minutes' WHERE worker_id = %s", (dead,))
+    assert tasks.claim(db, job, volume, "cccccc", world["worker"], 2) is not None
+    assert tasks.forget_superseded(db, job, volume, "cccccc") == 1
+    assert sorted((r["s3_etag"], r["status"]) for r in db.rows(
+        "SELECT s3_etag, status::text AS status FROM task_executions")) == [("bbbbbb", "running"), ("cccccc", "running")]
