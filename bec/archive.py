@@ -52,7 +52,7 @@ class Manifest:
     etag: str
     entries: tuple[ManifestEntry, ...]
     # When it was read (epoch seconds, S3's clock where it says): pages modified after this
-    # belong to a newer version of the volume (see ``pin``).
+    # belong to a newer version of the volume (see ``Fetcher._get``).
     read_at: float = 0.0
 
     @property

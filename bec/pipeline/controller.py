@@ -486,25 +486,29 @@ class Controller:
                     adm.reason or "the database did not answer", adm.message.message_id)
         self._database_outage(adm.reason)
 
-    def _unhold(self, key: int) -> Held:
-        held = self.held.pop(key)
-        if held.label:
+    def _unhold(self, key: int) -> Held | None:
+        """Forget a held message (None when the end of the run abandoned it meanwhile)."""
+        held = self.held.pop(key, None)
+        if held is not None and held.label:
             self.active_labels.discard(held.label)
         return held
 
     def on_readmitted(self, key: int, adm: Admission) -> None:
         held = self._unhold(key)
-        self.on_admitted(adm, held.label, held.visible_until - self.p.visibility_timeout)
+        label = held.label if held else None
+        visible_until = held.visible_until if held else time.monotonic()
+        self.on_admitted(adm, label, visible_until - self.p.visibility_timeout)
 
     def on_settled(self, key: int, verdict: Verdict) -> None:
-        held = self.held[key]
-        if verdict is Verdict.HELD:
+        held = self.held.get(key)
+        if held is not None and verdict is Verdict.HELD:
             held.busy = False
             self._database_outage(held.adm.reason)
             return
-        self._unhold(key)
-        self.ctx.mailbox.send("supervisor", Untrack(held.adm.message.receipt))
-        self._count_outcome(held.adm, verdict, held.pages, held.errors)
+        held = self._unhold(key)
+        if held is not None and verdict is not Verdict.HELD:
+            self.ctx.mailbox.send("supervisor", Untrack(held.adm.message.receipt))
+            self._count_outcome(held.adm, verdict, held.pages, held.errors)
 
     def _abandon_held(self) -> None:
         """The run ends with messages whose rows could not be settled: never released on a
@@ -513,6 +517,8 @@ class Controller:
         once this worker has stopped."""
         for key in list(self.held):
             held = self._unhold(key)
+            if held is None:
+                continue
             held.adm.message.settled.set()
             log.warning("Volume %s: message %s left hidden until its visibility timeout (its task could "
                         "not be settled: the database did not answer)", held.adm.label,
