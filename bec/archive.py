@@ -1,18 +1,20 @@
 """The image archive on S3 (DESIGN §2): volume folders, the gzip'd manifest, versions."""
 from __future__ import annotations
 
+import email.utils
 import gzip
 import hashlib
 import io
 import json
+import time
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable
 
 import botocore.exceptions
 
 from bec import aws, metrics
-from bec.errors import RetryableError, TerminalError
+from bec.errors import TerminalError
 from bec.ids import check_i_id, check_w_id
 
 MANIFEST = "dimensions.json"
@@ -50,6 +52,9 @@ class Manifest:
     prefix: str
     etag: str
     entries: tuple[ManifestEntry, ...]
+    # When it was read (epoch seconds, S3's clock where it says): pages modified after this
+    # belong to a newer version of the volume (see ``Fetcher._get``).
+    read_at: float = 0.0
 
     @property
     def version(self) -> str:
@@ -126,8 +131,10 @@ def parse_manifest(body: bytes, w_id: str, i_id: str, prefix: str, etag: str) ->
     return Manifest(w_id, i_id, prefix, etag, parsed)
 
 
-def read_manifest(s3: Any, bucket: str, w_id: str, i_id: str) -> Manifest:
-    """Fetch and parse a volume's manifest; missing → terminal, S3 trouble → retryable."""
+def read_manifest(s3: Any, bucket: str, w_id: str, i_id: str,
+                  probes: Iterable[Callable[[], str | None]] = ()) -> Manifest:
+    """Fetch and parse a volume's manifest; missing → terminal, S3 trouble → retryable, or
+    ``StorageUnavailable`` when ``probes`` find S3 itself failing (see ``aws.storage_failure``)."""
     prefix = volume_prefix(w_id, i_id)
     try:
         obj = s3.get_object(Bucket=bucket, Key=prefix + MANIFEST)
@@ -135,10 +142,21 @@ def read_manifest(s3: Any, bucket: str, w_id: str, i_id: str) -> Manifest:
             raise TerminalError(f"invalid manifest: larger than {MAX_MANIFEST_BYTES} bytes")
         body = obj["Body"].read()
         metrics.S3_READ.inc(len(body))
-    except botocore.exceptions.ClientError as exc:
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
         if aws.is_not_found(exc):
             raise TerminalError(f"manifest missing: s3://{bucket}/{prefix}{MANIFEST}") from None
-        raise aws.as_retryable("reading manifest", exc) from None
-    except (botocore.exceptions.BotoCoreError, OSError) as exc:
-        raise RetryableError(f"reading manifest: {type(exc).__name__}: {exc}") from None
-    return parse_manifest(body, w_id, i_id, prefix, obj["ETag"])
+        raise aws.storage_failure("reading manifest", exc, probes) from None
+    manifest = parse_manifest(body, w_id, i_id, prefix, obj["ETag"])
+    return replace(manifest, read_at=_server_time(obj))
+
+
+def _server_time(response: dict[str, Any]) -> float:
+    """When S3 answered (its Date header: the clock it compares modification times with), or
+    this host's time where there is none (a folder archive)."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date:
+        try:
+            return email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            pass
+    return time.time()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
-from bec.errors import BadInput, PageError, RetryableError, Unavailable
+from bec.errors import BadInput, BecError, PageError, RetryableError, StorageUnavailable, Unavailable
 
 # Codes that mean "the request itself is wrong" rather than "try again".
 _CLIENT_FAULTS = {
@@ -101,26 +101,86 @@ def is_not_found(exc: BaseException) -> bool:
     return error_code(exc) in {"404", "NoSuchKey", "NotFound"}
 
 
-def check_bucket(s3: Any, bucket: str, role: str, setting: str) -> bool:
-    """Before a worker takes any volume: does the ``role`` ("source"/"destination") bucket,
-    named by ``setting`` (the option or variable to fix), exist? A typo in a bucket name
-    would otherwise send every volume of the queue to the DLQ as "manifest missing", or
-    process every volume and fail at the upload.
+#: A key no archive or artifact ever has: a GET of it must answer 404 (see ``probe``).
+PROBE_KEY = "bec-probe/no-object-has-this-key"
+_DENIED = {"403", "AccessDenied", "Forbidden"}
 
-    False when S3 does not let us look (HeadBucket needs s3:ListBucket, which a worker's
-    role may lack): the caller says so and goes on. A missing bucket is ``BadInput``."""
+
+def check_bucket(s3: Any, bucket: str, role: str, setting: str) -> None:
+    """Before a worker takes any volume: does the ``role`` ("source"/"destination") bucket,
+    named by ``setting`` (the option or variable to fix), exist, and may this worker tell a
+    missing object from a forbidden one? A typo in a bucket name would otherwise send every
+    volume of the queue to the DLQ as "manifest missing", or process every volume and fail at
+    the upload.
+
+    Without ``s3:ListBucket``, S3 answers a GET of a missing key with 403 AccessDenied, not 404
+    (documented GetObject behaviour): every first-time volume then failed at its
+    ``success.json`` check and reached the DLQ, a missing manifest read as retryable and a
+    missing page as an S3 error. A worker therefore requires ``s3:ListBucket`` and proves it
+    here. Both problems are ``BadInput`` (one line, the worker does not start)."""
     try:
         s3.head_bucket(Bucket=bucket)
-        return True
     except botocore.exceptions.ClientError as exc:
         code = error_code(exc)
         if is_not_found(exc) or code == "NoSuchBucket":
             raise BadInput(f"the {role} bucket {bucket!r} does not exist"
                            f"{f' at {endpoint_of(s3)}' if configured_endpoint('s3') else ''}: "
                            f"check {setting}") from None
-        if code in {"403", "AccessDenied", "Forbidden"}:
-            return False
-        raise
+        if code not in _DENIED:
+            raise
+        raise BadInput(_needs_list_bucket(role, bucket, "HeadBucket is denied")) from None
+    try:
+        s3.get_object(Bucket=bucket, Key=PROBE_KEY)
+    except botocore.exceptions.ClientError as exc:
+        if is_not_found(exc):
+            return
+        if error_code(exc) not in _DENIED:
+            raise
+        raise BadInput(_needs_list_bucket(role, bucket, f"a GET of the missing key {PROBE_KEY} "
+                                                        f"answers {error_code(exc)}, not 404")) from None
+
+
+def _needs_list_bucket(role: str, bucket: str, seen: str) -> str:
+    return (f"the {role} bucket {bucket!r} does not let this worker tell a missing object from a "
+            f"forbidden one ({seen}): grant s3:ListBucket and s3:GetObject on it (see README: "
+            f"without s3:ListBucket S3 reports every missing object as AccessDenied)")
+
+
+def probe(s3: Any, bucket: str) -> str | None:
+    """Can S3 serve this bucket's objects now? None when a GET of ``PROBE_KEY`` answers 404
+    (reachable, credentials valid, permissions intact); otherwise what it answered instead.
+
+    This decides, at the edge, whether a failed S3 call was the object's trouble or the whole
+    service's (a refused connection, expired credentials, revoked permissions): error codes
+    alone cannot say, AccessDenied in particular. ``s3`` should make a single attempt: the
+    question is "now", and botocore's retries took 23–29 s against a refused connection."""
+    try:
+        s3.get_object(Bucket=bucket, Key=PROBE_KEY)
+    except botocore.exceptions.ClientError as exc:
+        if is_not_found(exc):
+            return None
+        return f"s3://{bucket}: {error_code(exc)}: {_short(exc, 200)}"
+    except (botocore.exceptions.BotoCoreError, OSError) as exc:
+        return f"s3://{bucket}: {type(exc).__name__}: {_short(exc, 200)}"
+    return None
+
+
+def storage_failure(what: str, exc: BaseException, probes: Iterable[Callable[[], str | None]]) -> BecError:
+    """The verdict on an S3 failure other than "no such key": ``StorageUnavailable`` when a
+    probe fails too (the worker pauses and spends no receive), otherwise ``RetryableError``
+    (this object's trouble)."""
+    for check in probes:
+        down = check()
+        if down:
+            return StorageUnavailable(f"{what}: {error_code(exc)}: {_short(exc)} "
+                                      f"(S3 is unavailable: {down})")
+    return as_retryable(what, exc)
+
+
+def single_try_client(service: str, region: str) -> Any:
+    """A client for probes: one attempt, short timeouts."""
+    return session(region).client(service, config=botocore.config.Config(
+        retries={"mode": "standard", "max_attempts": 1}, connect_timeout=3, read_timeout=10))
 
 
 def as_retryable(what: str, exc: BaseException) -> RetryableError:

@@ -6,8 +6,8 @@ happens next:
 * ``BadInput``     – the operator gave something unusable (CLI argument, file, config).
                      One clear line on stderr, non-zero exit, nothing created.
 * ``Unavailable``  – a service (PostgreSQL, S3/SQS endpoint) cannot be reached or refused
-                     us. For the CLI it is one line naming the host; for the worker it is
-                     retryable.
+                     us. For the CLI it is one line naming the host. A worker pauses
+                     receiving until the service answers again, and spends no receive on it.
 * ``RetryableError`` – the task may succeed later (network, throttling, DB trouble, too many
                      page errors): the task is marked ``retryable_failed`` and the message
                      becomes visible again.
@@ -41,6 +41,15 @@ class ConfigError(BadInput):
 
 class Unavailable(BecError):
     """A required service cannot be reached or refused the request."""
+
+
+class DatabaseUnavailable(Unavailable):
+    """PostgreSQL cannot serve us now: unreachable, out of connections, read-only, timed out."""
+
+
+class StorageUnavailable(Unavailable):
+    """S3 as a whole cannot serve us now (not one object): unreachable, expired or wrong
+    credentials, permissions gone. A worker pauses instead of failing volumes on it."""
 
 
 class RetryableError(BecError):
@@ -87,6 +96,8 @@ TRANSIENT_PAGE_ERRORS = frozenset({
     "s3_unreachable",   # no answer: connection refused or reset, timeout
     "inference_error",  # a whole batch failed (device out of memory, CUDA error): not the page's fault
     "out_of_memory",    # the host ran short while decoding a page within the pixel limit
+    "s3_unavailable",   # S3 as a whole failed (outage, credentials): the worker pauses, the volume goes back
+    "changed_after_manifest",  # the volume is being rewritten: processed again at its new version
 })
 
 

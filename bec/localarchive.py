@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +47,26 @@ class DirectoryS3:
             {"Error": {"Code": "NoSuchKey", "Message": f"{key} not found"},
              "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject")
 
-    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+    def get_object(self, Bucket: str, Key: str,  # noqa: N803 - boto3's names
+                   IfUnmodifiedSince: datetime | None = None) -> dict[str, Any]:  # noqa: N803
+        if not self.root.is_dir():  # an unmounted archive: the whole source is gone, not a key
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "NoSuchBucket", "Message": f"{self.root} is not a folder"},
+                 "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject")
         path = self._path(Key)
         try:
-            size = path.stat().st_size
+            stat = path.stat()
+            size = stat.st_size
             if self.max_bytes is not None and size > self.max_bytes:
                 return {"Body": io.BytesIO(b""), "ETag": '""', "ContentLength": size}
             data = path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._missing(Key) from None
+        if IfUnmodifiedSince is not None and stat.st_mtime > IfUnmodifiedSince.timestamp():
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "PreconditionFailed", "Message": "At least one of the pre-conditions "
+                           "you specified did not hold"}, "ResponseMetadata": {"HTTPStatusCode": 412}},
+                "GetObject")
         return {"Body": io.BytesIO(data), "ETag": etag_of(data), "ContentLength": len(data)}
 
 
@@ -67,6 +79,16 @@ def etag_of(data: bytes) -> str:
     done. A content hash changes with the content, and only with it (a copy of the archive
     keeps its versions)."""
     return f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'
+
+
+def probe_client(bucket: str, region: str) -> Any:
+    """The client ``aws.probe`` asks whether the archive can serve objects now: the folder
+    itself, or a single-try S3 client."""
+    if is_local(bucket):
+        return DirectoryS3(bucket)
+    from bec import aws
+
+    return aws.single_try_client("s3", region)
 
 
 def source_client(bucket: str, region: str, max_bytes: int | None = None, **kwargs: Any) -> Any:

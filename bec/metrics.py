@@ -56,6 +56,8 @@ SQS_MESSAGES = Counter("bec_sqs_messages_received_total", "Messages received")
 SQS_DELETES = Counter("bec_sqs_deletes_total", "Messages deleted (done or skipped)")
 SQS_EXTENSIONS = Counter("bec_sqs_visibility_extensions_total", "Visibility timeouts extended")
 SQS_DLQ = Counter("bec_sqs_dlq_sends_total", "Messages sent to the DLQ by the worker", ["reason"])
+SQS_REQUEUES = Counter("bec_sqs_requeues_total",
+                       "Messages handed back as fresh copies, spending no receive (running elsewhere, drain, outage)")
 DB_ERRORS = Counter("bec_db_errors_total", "Database operations that failed")
 DB_POOL_WAIT = Histogram("bec_db_pool_wait_seconds", "Time waiting for a pooled DB connection",
                          buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
@@ -73,7 +75,7 @@ def start_series() -> None:
     over a counter's first increment is not lost."""
     for kind in ("controller", "fetch", "infer", "post"):
         RESTARTS.labels(kind)
-    for reason in ("poison", "terminal"):
+    for reason in ("poison", "terminal", "retries"):
         SQS_DLQ.labels(reason)
     for outcome in ("ok", "error"):
         PAGES.labels(outcome)

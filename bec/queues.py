@@ -68,6 +68,15 @@ def ensure_queues(sqs: Any, queue_name: str, dlq_name: str, *,
     return QueuePair(queue_url, dlq_url, created_queue, created_dlq)
 
 
+def max_receive_count(sqs: Any, url: str) -> int:
+    """The receives after which SQS moves a message of this queue to its DLQ (0: no redrive)."""
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])["Attributes"]
+    try:
+        return int(json.loads(attrs.get("RedrivePolicy", "{}")).get("maxReceiveCount", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
 def queue_name_of(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 

@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS task_executions (
     error_reason              TEXT
 );
 
+-- Which receive of which message made the running claim (a digest of its SQS receipt): a
+-- claim retried after its reply was lost (a failover, a reset) finds its own row.
+ALTER TABLE task_executions ADD COLUMN IF NOT EXISTS claim_token TEXT;
+
 CREATE UNIQUE INDEX IF NOT EXISTS task_executions_job_volume_version
     ON task_executions (job_id, volume_id, s3_etag);
 -- jobs stats (GROUP BY status) and jobs tasks --status S ORDER BY id DESC

@@ -40,20 +40,29 @@ def ensure_volume(db: Database, w_id: str, i_id: str, version: str | None, nb_im
 
 
 def claim(db: Database, job_id: int, volume_id: int, version: str, worker_id: int,
-          total_images: int, stale_after_s: float = STALE_AFTER_S) -> Claim | None:
+          total_images: int, stale_after_s: float = STALE_AFTER_S, token: str = "") -> Claim | None:
     """Take the task in one statement; None when it is done or running healthily elsewhere.
 
     Claimable: no row yet; a retryable (or terminal: an operator redrove it) failure; a
     ``running`` row whose worker stopped or went silent (crashed), or that this very worker
     holds (its controller restarted and lost track of it).
+
+    Idempotent by ``token`` (one receive of one message): when the reply to a claim is lost
+    after PostgreSQL committed it, the same claim made again finds its own row and gets it
+    back as it was (same attempt), instead of leaving a ``running`` row nobody knows of.
     """
     row = db.row(
         """
         INSERT INTO task_executions AS t
-               (job_id, volume_id, s3_etag, status, attempt, worker_id, started_at, total_images)
-        VALUES (%(job)s, %(volume)s, %(version)s, 'running', 1, %(worker)s, now(), %(images)s)
+               (job_id, volume_id, s3_etag, status, attempt, worker_id, started_at, total_images,
+                claim_token)
+        VALUES (%(job)s, %(volume)s, %(version)s, 'running', 1, %(worker)s, now(), %(images)s,
+                %(token)s)
         ON CONFLICT (job_id, volume_id, s3_etag) DO UPDATE
-           SET status = 'running', attempt = t.attempt + 1, worker_id = EXCLUDED.worker_id,
+           SET status = 'running', worker_id = EXCLUDED.worker_id, claim_token = EXCLUDED.claim_token,
+               attempt = CASE WHEN t.status = 'running' AND t.worker_id = EXCLUDED.worker_id
+                               AND t.claim_token = EXCLUDED.claim_token
+                              THEN t.attempt ELSE t.attempt + 1 END,
                started_at = now(), done_at = NULL, total_images = EXCLUDED.total_images,
                nb_errors = NULL, total_duration_ms = NULL, avg_duration_per_page_ms = NULL,
                error_reason = NULL
@@ -68,8 +77,15 @@ def claim(db: Database, job_id: int, volume_id: int, version: str, worker_id: in
                            AND w.last_heartbeat_at > now() - make_interval(secs => %(stale)s))))
         RETURNING id, attempt
         """, {"job": job_id, "volume": volume_id, "version": version, "worker": worker_id,
-              "images": total_images, "stale": stale_after_s})
+              "images": total_images, "stale": stale_after_s, "token": token or None})
     return Claim(int(row["id"]), int(row["attempt"])) if row else None
+
+
+def task_status(db: Database, job_id: int, volume_id: int, version: str) -> str | None:
+    """The status of one version's task (why a claim was refused), or None without a row."""
+    row = db.row("SELECT status::text AS status FROM task_executions "
+                 "WHERE job_id = %s AND volume_id = %s AND s3_etag = %s", (job_id, volume_id, version))
+    return row["status"] if row else None
 
 
 def mark_done(db: Database, task_id: int, worker_id: int, attempt: int, total_images: int,
@@ -147,6 +163,26 @@ def forget_missing_manifest(db: Database, job_id: int, volume_id: int) -> int:
     return db.execute(
         "DELETE FROM task_executions WHERE job_id = %s AND volume_id = %s AND s3_etag = '' "
         "AND status = 'terminal_failed'", (job_id, volume_id))
+
+
+def forget_superseded(db: Database, job_id: int, volume_id: int, version: str,
+                      stale_after_s: float = STALE_AFTER_S) -> int:
+    """Another version of the volume was just claimed (its manifest changed). A task of an
+    older version left ``running`` by a worker that is gone (it died while the manifest
+    changed) is never finished nor claimed again, since no message names that version any
+    more, and it counted as running in every statistic for ever: it is dropped. One held by a
+    live worker is left to it (it finishes its version)."""
+    return db.execute(
+        """
+        DELETE FROM task_executions t
+         WHERE t.job_id = %(job)s AND t.volume_id = %(volume)s AND t.s3_etag NOT IN (%(version)s, '')
+           AND t.status = 'running'
+           AND NOT EXISTS (
+                   SELECT 1 FROM workers w
+                    WHERE w.worker_id = t.worker_id
+                      AND w.stopped_at IS NULL
+                      AND w.last_heartbeat_at > now() - make_interval(secs => %(stale)s))
+        """, {"job": job_id, "volume": volume_id, "version": version, "stale": stale_after_s})
 
 
 # -- workers ----------------------------------------------------------------------------------

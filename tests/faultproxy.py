@@ -1,4 +1,13 @@
-"""An HTTP proxy in front of moto's S3 that answers chosen requests with an S3 error.
+"""Faults moto cannot produce, injected between BEC and moto by real proxies.
+
+``FaultProxy`` is an HTTP proxy in front of moto's S3 that answers chosen requests with an
+S3 error, or fails them all the way a ``mode`` says: a missing key answered 403 AccessDenied
+(S3 does so for a caller without s3:ListBucket), every request refused as with expired
+credentials, or every connection reset (an outage). ``PgReplyCutter`` is a TCP proxy for
+PostgreSQL that lets one chosen statement reach the server and commit, then cuts the
+connection before the reply gets back (a failover or a reset at the worst moment).
+
+About the S3 proxy:
 
 moto cannot be told to fail a GET with a 500; S3 does (InternalError, SlowDown…). The
 worker reaches the proxy through ``AWS_ENDPOINT_URL_S3`` (SQS stays direct), so every S3
@@ -8,12 +17,16 @@ worker asked for, and how often.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
+
+PASS, DENY_MISSING, EXPIRED, RESET = "pass", "deny_missing", "expired", "reset"
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "content-length", "te", "trailer",
               "upgrade", "proxy-connection"}
@@ -39,6 +52,11 @@ class FaultProxy:
         parts = urlsplit(upstream)
         self.fails = fails
         self.failed = 0
+        # mode: pass | deny_missing (a 404 for a key, and HeadBucket unless deny_head_bucket is
+        # False, becomes 403 AccessDenied) | expired (400 ExpiredToken) | reset (no answer)
+        self.mode = PASS
+        self.deny_head_bucket = True
+        self.counts: dict[str, int] = {}
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.rules: list[Rule] = []
         self.log: list[tuple[str, str, int]] = []
@@ -112,22 +130,36 @@ class FaultProxy:
         length = int(handler.headers.get("Content-Length") or 0)
         return handler.rfile.read(length) if length else b""
 
+    def _error(self, handler: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+               f'<Message>{message}</Message><RequestId>fault</RequestId></Error>').encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(xml)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(xml)
+        self._note(handler.command, handler.path, status)
+
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         method, path = handler.command, handler.path
         body = self._body(handler)
+        mode = self.mode
+        with self.lock:
+            self.counts[mode] = self.counts.get(mode, 0) + 1
+        if mode == RESET:
+            handler.close_connection = True
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if mode == EXPIRED:
+            self._error(handler, 400, "ExpiredToken", "The provided token has expired.")
+            return
         rule = self._rule_for(method, unquote(path))
         if rule is not None:
             with self.lock:
                 self.failed += 1
-            xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{rule.code}</Code>'
-                   f'<Message>injected by the test</Message><RequestId>fault</RequestId></Error>').encode()
-            handler.send_response(rule.status)
-            handler.send_header("Content-Type", "application/xml")
-            handler.send_header("Content-Length", str(len(xml)))
-            handler.end_headers()
-            if method != "HEAD":
-                handler.wfile.write(xml)
-            self._note(method, path, rule.status)
+            self._error(handler, rule.status, rule.code, "injected by the test")
             return
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in HOP_BY_HOP}
         if handler.headers.get("Transfer-Encoding", "").lower() == "chunked" or body:
@@ -139,6 +171,11 @@ class FaultProxy:
             data = answer.read()
         finally:
             conn.close()
+        is_key = len([p for p in urlsplit(path).path.split("/") if p]) >= 2
+        if (mode == DENY_MISSING and answer.status == 404 and method in ("GET", "HEAD")
+                and (is_key or self.deny_head_bucket)):
+            self._error(handler, 403, "AccessDenied", "Access Denied")
+            return
         handler.send_response(answer.status, answer.reason)
         for key, value in answer.getheaders():
             if key.lower() not in HOP_BY_HOP:
@@ -153,3 +190,63 @@ class FaultProxy:
     def _note(self, method: str, path: str, status: int) -> None:
         with self.lock:
             self.log.append((method, unquote(path), status))
+
+
+#: The name the outage tests use: the same proxy, driven by its ``mode``.
+S3FaultProxy = FaultProxy
+
+
+class PgReplyCutter:
+    """A TCP proxy in front of PostgreSQL. ``cut_reply_to(marker)``: the next client message
+    holding ``marker`` (a piece of a statement's text) goes through to the server, which runs
+    and commits it; the server's reply is then dropped and both connections closed. The
+    client sees a connection lost in the middle of its statement, not knowing it committed."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.marker: bytes | None = None
+        self.cuts = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_reply_to(self, marker: str) -> None:
+        with self.lock:
+            self.marker = marker.encode()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            state = {"armed": False}
+            threading.Thread(target=self._pump, args=(client, server, state, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, state, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, state: dict[str, bool], from_client: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if from_client:
+                    with self.lock:
+                        if self.marker is not None and self.marker in data:
+                            self.marker = None
+                            state["armed"] = True
+                elif state["armed"]:
+                    with self.lock:
+                        self.cuts += 1
+                    break  # the reply is lost: close both ends
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.listener.close()

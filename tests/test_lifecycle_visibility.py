@@ -31,6 +31,9 @@ class RecordingSqs:
     def delete_message(self, QueueUrl: str, ReceiptHandle: str) -> None:
         self.calls.append(("delete", ReceiptHandle, 0))
 
+    def send_message(self, QueueUrl: str, MessageBody: str, DelaySeconds: int = 0) -> None:
+        self.calls.append(("send", MessageBody, DelaySeconds))
+
 
 def services(sqs: RecordingSqs) -> Services:
     return Services(db=None, s3=None, source=None, sqs=sqs, job_name="ldv1", job_id=1,  # type: ignore[arg-type]
@@ -53,9 +56,10 @@ def test_a_settled_message_is_never_extended():
 
     extended = lifecycle.extend_visibility(svc, [a.message for a in (retried, released, done, running)], 600)
 
-    assert [m.receipt for m in extended] == ["running"]
-    assert sqs.calls == [("set", "retried", 30), ("set", "released", 0), ("delete", "done", 0),
-                         ("extend", "running", 600)]
+    assert [(m.receipt, seconds) for m, seconds in extended] == [("running", 600)]
+    # a release is a requeue: a fresh copy, then the original deleted
+    assert sqs.calls == [("set", "retried", 30), ("send", "{}", 0), ("delete", "released", 0),
+                         ("delete", "done", 0), ("extend", "running", 600)]
 
 
 def test_a_retry_given_while_an_extension_is_in_flight_lands_after_it():

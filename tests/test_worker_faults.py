@@ -142,8 +142,9 @@ def test_a_drain_hands_back_what_the_receive_in_flight_brings(stack):
     enqueue(stack, q["queue"], vols)  # taken by that poll
     assert run.wait(30) == 0, run.output
     assert queue_counts(stack, q["queue"]) == (1, 0) and tasks(stack) == []
+    # handed back as a fresh copy: a drain is not the message's fault, and spends none of its receives
     assert stack.sqs.receive_message(QueueUrl=q["queue"], AttributeNames=["ApproximateReceiveCount"],
-                                     WaitTimeSeconds=1)["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "2"
+                                     WaitTimeSeconds=1)["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "1"
 
     run = start_worker(stack, "--poll-wait", "20", "--shutdown-after-empty", "0")  # the queue is empty
     run.wait_for("processes ready", timeout=60)

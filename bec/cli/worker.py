@@ -127,7 +127,8 @@ def _check_worker_extras() -> None:
 
 
 def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
-    """Both buckets exist before the first volume is taken (see ``aws.check_bucket``)."""
+    """Both buckets exist, and a missing object reads as missing, before the first volume is
+    taken (see ``aws.check_bucket``)."""
     from bec.localarchive import is_local, local_root
 
     s3 = aws.client("s3", region, max_attempts=2)
@@ -141,9 +142,7 @@ def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
         checks.insert(0, (source_bucket, "source", "--s3-source-bucket / BEC_SOURCE_S3_BUCKET"))
     for bucket, role, setting in checks:
         with aws.cli_errors(f"S3 {role} bucket {bucket}", aws.endpoint_of(s3)):
-            if not aws.check_bucket(s3, bucket, role, setting):
-                log.warning("Cannot check that the %s bucket %s exists (HeadBucket is denied); "
-                            "going on", role, bucket)
+            aws.check_bucket(s3, bucket, role, setting)
 
 
 def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
@@ -183,7 +182,8 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
         n_infer, infer_threads = cpu_inference_layout(model_path, cores, n_infer, infer_threads)
     sqs = app.sqs
     with aws.cli_errors(f"SQS queue {queues.queue_name_of(job.queue_url)}", aws.endpoint_of(sqs)):
-        queues.queue_arn(sqs, job.queue_url)  # the queue exists and the endpoint answers
+        # the queue exists, the endpoint answers, and its redrive says when to give up
+        max_receives = queues.max_receive_count(sqs, job.queue_url)
     _check_buckets(region, source_bucket, dest_bucket)
     worker_name = opts["worker_name"] or settings.get("BEC_WORKER_NAME") or socket.gethostname()
     worker_id = tasks.register_worker(db, worker_name, job.id, {"procs": procs, "device": device,
@@ -221,6 +221,7 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
         max_volumes_in_flight=_setting(app, opts["max_volumes_in_flight"], "BEC_MAX_VOLUMES_IN_FLIGHT", 3, int),
         retry_delay=_setting(app, opts["retry_delay"], "BEC_RETRY_DELAY", 30, int),
         stale_after_s=_setting(app, opts["stale_after"], "BEC_STALE_AFTER", 60.0, float),
+        max_receive_count=max_receives,
         log_json=log_json, extra={"worker_name": worker_name})
     pipeline.roles = (["controller"] + [f"infer-{i}" for i in range(pipeline.n_infer)]
                       + [f"post-{i}" for i in range(pipeline.n_post)]

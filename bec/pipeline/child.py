@@ -61,6 +61,7 @@ class PipelineSpec:
     max_volumes_in_flight: int = 3
     retry_delay: int = 30
     stale_after_s: float = 60.0          # a silent worker's running tasks may be taken over
+    max_receive_count: int = 0           # the tasks queue's redrive limit (0: none)
     log_json: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -15,6 +15,13 @@ Page results are not kept until a volume ends: each volume's rows go to its Parq
 (``bec.volumefile``) in manifest order as they complete. No page is dispatched more than
 ``reorder_window`` pages ahead of the first row not yet written, so the results held while
 an earlier page is still in flight stay bounded, whatever the volume's length.
+
+Outages pause the whole controller, never the volumes' receive counts: while PostgreSQL
+does not answer, nothing is received and every message whose task row could not be settled
+is *held* (kept hidden) until a probe finds the database writable again, then its step is
+done again; while S3 fails as a whole (unreachable, expired credentials), nothing is
+received and the volumes in flight are given back unspent, until a probe of both buckets
+answers.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+import functools
 
 import botocore.exceptions
 import numpy as np
@@ -35,12 +43,12 @@ from bec.artifacts import PageOutcome
 from bec.db import Database
 from bec.errors import BadInput, BecError, page_error_class
 from bec.lifecycle import Admission, Received, Verdict
-from bec.localarchive import source_client
+from bec.localarchive import probe_client, source_client
 from bec.pipeline import slots as S
 from bec.pipeline.backoff import BackoffWatch
 from bec.pipeline.child import ChildContext
-from bec.pipeline.messages import (Drain, Fetch, Finished, Gone, PageDone, PageFailed, PipelineReady,
-                                   ReleaseNow, Stop, Track, Untrack)
+from bec.pipeline.messages import (PAGE_CHANGED, PAGE_S3_UNAVAILABLE, Drain, Fetch, Finished, Gone, PageDone,
+                                   PageFailed, PipelineReady, ReleaseNow, Stop, Track, Untrack)
 from bec.pipeline.slots import decode_result
 from bec.volumefile import VolumeFile
 
@@ -52,6 +60,8 @@ PAGE_TIMEOUT_S = 600.0   # a page in the pipeline longer than this is presumed l
 DONE_MESSAGE_LOST_S = 10.0  # a slot handed to us this long ago with no message: the message is lost
 RECEIVE_GRACE_S = 2.0    # beyond the long poll's own wait, for a receive in flight at the end
 STOP_RECEIVE_WAIT_S = 5.0  # ... when the supervisor stops the run (it kills the controller at 10 s)
+PROBE_EVERY_S = 5.0      # how often a service found unavailable is asked again
+CRASH_BUDGET = 2         # crashes of its holder while working on a page before it is an error row
 
 
 @dataclass
@@ -63,6 +73,8 @@ class VolumeRun:
     visible_until: float
     finishing: bool = False
     remaining: int = -1  # pages without an outcome yet
+    # page → crashes of a process while it worked on that page (decode, post-processing)
+    crashes: collections.Counter = field(default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
         if self.remaining < 0:
@@ -75,6 +87,19 @@ class VolumeRun:
     @property
     def pages(self) -> int:
         return self.out.n
+
+
+@dataclass
+class Held:
+    """A message kept hidden while PostgreSQL does not answer: its admission (``adm.pending``
+    None) or its settlement (``adm.pending``) is done again once the database answers."""
+
+    adm: Admission
+    label: tuple[str, str] | None
+    visible_until: float
+    pages: int = 0
+    errors: int = 0
+    busy: bool = False  # being tried again now
 
 
 @dataclass
@@ -100,13 +125,15 @@ class Controller:
         self.db = Database(p.db, min_size=1, max_size=4, application_name="bec-controller")
         self.sqs = aws.client("sqs", p.region)
         self.backoffs = BackoffWatch(self.sqs, p.queue_url)  # what the lifecycle hides for later
+        probes = (functools.partial(aws.probe, probe_client(p.source_bucket, p.region), p.source_bucket),
+                  functools.partial(aws.probe, aws.single_try_client("s3", p.region), p.dest_bucket))
         self.svc = lifecycle.Services(
             db=self.db, s3=aws.client("s3", p.region), source=source_client(p.source_bucket, p.region),
             sqs=self.backoffs, job_name=p.job_name,
             job_id=p.job_id, worker_id=p.worker_id, worker_name=p.extra.get("worker_name", ""),
             source_bucket=p.source_bucket, dest_bucket=p.dest_bucket, queue_url=p.queue_url,
             dlq_url=p.dlq_url, config=p.config, model=p.model_identity, retry_delay=p.retry_delay,
-            stale_after_s=p.stale_after_s)
+            stale_after_s=p.stale_after_s, max_receive_count=p.max_receive_count, storage_probes=probes)
         self.events: queue.Queue = queue.Queue()
         self.volumes: dict[int, VolumeRun] = {}
         self.admitting: set[tuple[str, str]] = set()
@@ -135,7 +162,8 @@ class Controller:
         # how long the end of the run waits for a receive still in flight (see close)
         self.last_receive_wait_s = p.poll_wait + RECEIVE_GRACE_S
         self.database_down = False
-        self.next_db_probe = 0.0
+        self.storage_down = False
+        self.held: dict[int, Held] = {}
         self.counters = Counters()
         self.admit_pool = ThreadPoolExecutor(2, thread_name_prefix="admit")
         self.finish_pool = ThreadPoolExecutor(2, thread_name_prefix="finish")
@@ -202,13 +230,14 @@ class Controller:
                 gen = int(row["gen"]) + 1
                 row["gen"] = gen
                 row["volume"], row["page"], row["pass_no"] = vol.key, page, 1
-                row["rotation"], row["binary_ready"], row["result_len"] = float("nan"), 0, 0
+                row["rotation"], row["binary_ready"], row["result_len"], row["busy"] = float("nan"), 0, 0, 0
                 row["skew"], row["tps_n"] = 0.0, 0
                 for name in ("fetch_ms", "decode_ms", "infer_ms", "post_ms"):
                     row[name] = 0.0
                 row["owner"] = self.ctx.pid_of(role)
                 row["state"] = S.FETCH
-                msg = Fetch(slot, gen, self.p.source_bucket, vol.adm.manifest.key(entry), entry.size or 0)
+                msg = Fetch(slot, gen, self.p.source_bucket, vol.adm.manifest.key(entry), entry.size or 0,
+                            vol.adm.manifest.read_at, alone=page in vol.crashes)
                 try:
                     sent = self.ctx.mailbox.try_send(role, msg)
                 except Gone:
@@ -274,6 +303,15 @@ class Controller:
         metrics.S3_READ.inc(int(row["nbytes"]))
         timings, etag = self._timings(row), row["etag"].decode() or None
         self._free_slot(msg.slot)
+        if msg.error == PAGE_S3_UNAVAILABLE:  # S3's failure, not the page's: no error row
+            self._storage_outage(msg.message)
+            return
+        if msg.error == PAGE_CHANGED and vol is not None:
+            # The volume is being rewritten: its result would mix two versions. It is given back
+            # unspent, and read again (a new manifest, a new version) once the upload settles.
+            self._release(vol, f"released: {msg.message}: the volume changed while it ran",
+                          lifecycle.recheck_delay_s(self.svc))
+            return
         if vol is not None:
             entry = vol.adm.manifest.entries[page]
             self._record(vol, page, PageOutcome.failed(entry.filename, msg.stage, msg.error, msg.message,
@@ -319,13 +357,34 @@ class Controller:
                 why = "stuck" if stuck else "died"
             vol = self.volumes.get(int(row["volume"]))
             page = int(row["page"])
+            state, busy = int(row["state"]), why == "died" and bool(row["busy"])
             self._retire(int(slot))
-            if vol is not None and not vol.out.has(page):
-                vol.todo.appendleft(page)
-                self.counters.pages_redone += 1
-                metrics.PAGES_REDONE.inc()
-                log.info("redoing page %d of %s (holder %s)", page, vol.adm.label, why)
+            if vol is None or vol.out.has(page):
+                continue
+            if busy:
+                vol.crashes[page] += 1
+                if vol.crashes[page] >= CRASH_BUDGET:
+                    self._crashed(vol, page, state)
+                    continue
+            vol.todo.appendleft(page)
+            self.counters.pages_redone += 1
+            metrics.PAGES_REDONE.inc()
+            log.info("redoing page %d of %s (holder %s)", page, vol.adm.label,
+                     f"{why} while working on it: redone alone" if busy else why)
         self._done_since = done_since
+
+    def _crashed(self, vol: VolumeRun, page: int, state: int) -> None:
+        """A page whose holder died twice while working on it: an error row, and the worker goes
+        on. Requeued without limit, one such page crashed its decoder until the supervisor gave
+        up on the role and stopped the worker, releasing every volume in flight, and so on, on
+        every worker that took the volume."""
+        entry = vol.adm.manifest.entries[page]
+        stage, kind = ("post", "crashed_postprocess") if state == S.POST else ("decode", "crashed_decoder")
+        log.warning("page %d (%s) of %s crashed its %s process %d times: recorded as an error",
+                    page, entry.filename, vol.adm.label, stage, vol.crashes[page])
+        self._record(vol, page, PageOutcome.failed(
+            entry.filename, stage, kind,
+            f"the {stage} process died {vol.crashes[page]} times while working on this page"))
 
     # -- SQS receive (thread) ------------------------------------------------------------------
     def _want_more(self) -> int:
@@ -335,8 +394,8 @@ class Controller:
         k = self.p.shutdown_after_empty
         if k and self.empty_polls >= k:
             return 0  # the run ends once idle: one more receive could take a message nobody reads
-        if self.database_down and not self._database_back():
-            return 0  # every message received now would burn one of its receives
+        if self.database_down or self.storage_down or self.held:
+            return 0  # every message received now would be handed back, or burn one of its receives
         # list() copies the values in one step under the GIL: the main thread adds and removes
         # volumes meanwhile, and iterating the live dict here raised and killed this thread
         queued_pages = sum(len(v.todo) for v in list(self.volumes.values()))
@@ -344,19 +403,143 @@ class Controller:
             return 0  # enough pages are waiting for slots already
         return min(10, self.p.max_volumes_in_flight - in_flight)
 
-    def _database_back(self) -> bool:
-        """While PostgreSQL is unreachable, probe it (every few seconds) before receiving."""
-        now = time.monotonic()
-        if now < self.next_db_probe:
-            return False
-        self.next_db_probe = now + 5.0
+    # -- outages -------------------------------------------------------------------------------
+    def _database_outage(self, reason: str) -> None:
+        if not self.database_down:
+            self.database_down = True
+            log.warning("PostgreSQL is unavailable (%s): no new messages until it answers", reason)
+
+    def _storage_outage(self, reason: str) -> None:
+        """S3 fails as a whole: receive nothing, and give every volume in flight back unspent
+        (its pages would all fail, and the volume spend a receive on a retry)."""
+        if self.storage_down:
+            return
+        self.storage_down = True
+        running = [v for v in self.volumes.values() if not v.finishing]
+        log.warning("S3 is unavailable (%s): no new messages until it answers; giving back the %d "
+                    "volume(s) in flight", reason, len(running))
+        for vol in running:
+            self._release(vol, f"released: S3 unavailable: {reason}"[:1000])
+
+    def _release(self, vol: VolumeRun, reason: str, delay_s: int = 0) -> None:
+        """Give one volume back (in the finish pool: it talks to the database and SQS)."""
+        if vol.finishing:
+            return
+        vol.finishing = True
+        vol.todo.clear()
+        self.finish_pool.submit(self._release_in_thread, vol, reason, delay_s)
+
+    def _release_in_thread(self, vol: VolumeRun, reason: str, delay_s: int) -> None:
+        verdict = Verdict.RETRY
         try:
-            self.db.row("SELECT 1 AS ok")
+            verdict = lifecycle.release(self.svc, vol.adm, reason, delay_s)
+        except Exception as exc:
+            log.exception("releasing %s failed", vol.adm.label)
+            verdict = self._retry_after_bug(vol.adm, exc)
+        finally:
+            self.events.put(("finished", vol.key, verdict))
+
+    def prober(self) -> None:
+        """Asks the services found unavailable, every few seconds, whether they answer again
+        (its own thread: a probe may wait for a timeout, and nothing else may wait on it)."""
+        while not self.stopping:
+            time.sleep(PROBE_EVERY_S)
+            try:
+                if self.database_down:
+                    self._probe_database()
+                if self.storage_down:
+                    self._probe_storage()
+            except Exception:  # a bug: reported, and probing goes on
+                log.exception("probing the services failed unexpectedly")
+
+    def _probe_database(self) -> None:
+        try:
+            self.db.writable()  # a read-only server answers SELECT 1 and refuses every claim
         except BecError:
-            return False
-        log.info("PostgreSQL answers again: receiving resumes")
-        self.database_down = False
-        return True
+            return
+        self.events.put(("service_back", "database"))
+
+    def _probe_storage(self) -> None:
+        failures = [down for down in (check() for check in self.svc.storage_probes) if down]
+        if not failures:
+            self.events.put(("service_back", "storage"))
+
+    def on_service_back(self, service: str) -> None:
+        if service == "storage" and self.storage_down:
+            self.storage_down = False
+            log.info("S3 answers again: receiving resumes")
+        elif service == "database" and self.database_down:
+            self.database_down = False
+            log.info("PostgreSQL answers again: %s", f"trying the {len(self.held)} held message(s) again"
+                     if self.held else "receiving resumes")
+            for key, held in self.held.items():
+                if not held.busy:
+                    held.busy = True
+                    pool = self.finish_pool if held.adm.pending else self.admit_pool
+                    pool.submit(self._retry_held, key, held)
+
+    def _retry_held(self, key: int, held: Held) -> None:
+        """Its settlement, or its whole admission (the claim finds its own row), again."""
+        if held.adm.pending is None:
+            self.events.put(("readmitted", key, self._admission(held.adm.message)))
+            return
+        verdict = Verdict.HELD
+        try:
+            verdict = held.adm.pending()
+        except Exception as exc:
+            log.exception("settling %s failed", held.adm.label)
+            verdict = self._retry_after_bug(held.adm, exc)
+        finally:
+            self.events.put(("settled", key, verdict))
+
+    def _hold(self, adm: Admission, label: tuple[str, str] | None, visible_until: float,
+              pages: int = 0, errors: int = 0) -> None:
+        key = self.next_key
+        self.next_key += 1
+        self.held[key] = Held(adm, label, visible_until, pages, errors)
+        if label:
+            self.active_labels.add(label)
+        log.warning("Volume %s: %s; message %s kept until the database answers", adm.label,
+                    adm.reason or "the database did not answer", adm.message.message_id)
+        self._database_outage(adm.reason)
+
+    def _unhold(self, key: int) -> Held | None:
+        """Forget a held message (None when the end of the run abandoned it meanwhile)."""
+        held = self.held.pop(key, None)
+        if held is not None and held.label:
+            self.active_labels.discard(held.label)
+        return held
+
+    def on_readmitted(self, key: int, adm: Admission) -> None:
+        held = self._unhold(key)
+        label = held.label if held else None
+        visible_until = held.visible_until if held else time.monotonic()
+        self.on_admitted(adm, label, visible_until - self.p.visibility_timeout)
+
+    def on_settled(self, key: int, verdict: Verdict) -> None:
+        held = self.held.get(key)
+        if held is not None and verdict is Verdict.HELD:
+            held.busy = False
+            self._database_outage(held.adm.reason)
+            return
+        held = self._unhold(key)
+        if held is not None and verdict is not Verdict.HELD:
+            self.ctx.mailbox.send("supervisor", Untrack(held.adm.message.receipt))
+            self._count_outcome(held.adm, verdict, held.pages, held.errors)
+
+    def _abandon_held(self) -> None:
+        """The run ends with messages whose rows could not be settled: never released on a
+        guess. They stay hidden until their visibility timeout; the supervisor releases them
+        at the end if it can release this worker's tasks, and a row left running is claimable
+        once this worker has stopped."""
+        for key in list(self.held):
+            held = self._unhold(key)
+            if held is None:
+                continue
+            held.adm.message.settled.set()
+            log.warning("Volume %s: message %s left hidden until its visibility timeout (its task could "
+                        "not be settled: the database did not answer)", held.adm.label,
+                        held.adm.message.message_id)
 
     def receiver(self) -> None:
         """The SQS receive thread. Nothing may end it but a stop: a receiver that died would
@@ -415,7 +598,7 @@ class Controller:
         self.empty_polls = 0
         for message in messages:
             if self.draining or self.stopping:
-                lifecycle.set_visibility(self.svc, message, 0)
+                lifecycle.requeue(self.svc, message, 0, "worker stopping")  # not the message's fault
                 self.ctx.mailbox.send("supervisor", Untrack(message.receipt))
                 continue
             try:
@@ -423,10 +606,14 @@ class Controller:
             except Exception:  # poison (or worse): admission routes it to the DLQ
                 label = None
             if label and (label in self.admitting or label in self.active_labels):
-                # a duplicate of a volume we hold: it returns later and is skipped
+                # A duplicate of a volume held here: handed back unspent, to be looked at once
+                # this worker could be done with it (it is then already done, or claimable).
+                delay = lifecycle.recheck_delay_s(self.svc)
                 log.info("Message %s (received %d times) duplicates volume %s/%s in progress here; "
-                         "left to SQS", message.message_id, message.receive_count, *label)
+                         "handed back for another look in %d s", message.message_id, message.receive_count,
+                         *label, delay)
                 self.ctx.mailbox.send("supervisor", Untrack(message.receipt))
+                self.admit_pool.submit(lifecycle.requeue, self.svc, message, delay, "duplicate")
                 continue
             if label:
                 self.admitting.add(label)
@@ -445,20 +632,27 @@ class Controller:
         return waiting > 0
 
     def _admit(self, message: Received, label: tuple[str, str] | None, received_at: float) -> None:
+        self.events.put(("admitted", self._admission(message), label, received_at))
+
+    def _admission(self, message: Received) -> Admission:
         try:
             adm = lifecycle.admit(self.svc, message)
             if adm.verdict is Verdict.ADMITTED:
                 adm.partial = partial.load(self.svc, adm)  # an earlier attempt's finished pages
+            return adm
         except Exception as exc:  # never lose track of a message because of a bug
             log.exception("admission of message %s failed", message.message_id)
             adm = Admission(Verdict.RETRY, message, reason=f"{type(exc).__name__}: {exc}")
             lifecycle.set_visibility(self.svc, message, lifecycle.backoff_s(self.svc, message.receive_count))
-        self.events.put(("admitted", adm, label, received_at))
+            return adm
 
     def on_admitted(self, adm: Admission, label: tuple[str, str] | None, received_at: float) -> None:
         if label:
             self.admitting.discard(label)
         self.counters.by_verdict[adm.verdict.value] += 1
+        if adm.verdict is Verdict.HELD:  # still ours, tracked, and extended
+            self._hold(adm, label, received_at + self.p.visibility_timeout)
+            return
         if adm.verdict is not Verdict.ADMITTED:
             metrics.VOLUMES.labels(adm.verdict.value).inc()
             self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))
@@ -471,21 +665,24 @@ class Controller:
             log.warning("Volume %s failed terminally (message %s to the DLQ): %s", adm.label, mid, adm.reason)
         elif adm.verdict is Verdict.RETRY:
             log.warning("Volume %s will be retried (message %s): %s", adm.label, mid, adm.reason)
-            if adm.database_down and not self.database_down:
-                self.database_down = True
-                self.next_db_probe = time.monotonic() + 5.0
-                log.warning("PostgreSQL is unreachable: no new messages until it answers")
+        elif adm.verdict is Verdict.RELEASED:  # S3 failed as a whole before any claim
+            log.warning("Volume %s: message %s handed back unspent: %s", adm.label, mid, adm.reason)
+            self._storage_outage(adm.reason)
         elif adm.verdict is Verdict.ALREADY_DONE:
             self.counters.volumes_skipped += 1
             log.info("Volume %s is already done; message %s deleted", adm.label, mid)
         elif adm.verdict is Verdict.NOT_CLAIMABLE:
-            log.info("Volume %s is done or running elsewhere; message %s looked at again in %ds",
-                     adm.label, mid, lifecycle.recheck_delay_s(self.svc))
-        elif self.draining or self.stopping:
-            lifecycle.release(self.svc, adm, "released: worker shutting down")
+            log.info("Volume %s is running elsewhere; message %s handed back unspent, looked at again in "
+                     "%d s", adm.label, mid, lifecycle.recheck_delay_s(self.svc))
+        elif self.draining or self.stopping or self.storage_down:
+            reason = "released: S3 unavailable" if self.storage_down else "released: worker shutting down"
+            verdict = lifecycle.release(self.svc, adm, reason)
             if adm.partial is not None and adm.partial.resume is not None:
                 adm.partial.resume.release()
-            self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))
+            if verdict is Verdict.HELD:
+                self._hold(adm, label, received_at + self.p.visibility_timeout)
+            else:
+                self.ctx.mailbox.send("supervisor", Untrack(adm.message.receipt))
         else:
             key = self.next_key
             self.next_key += 1
@@ -505,48 +702,77 @@ class Controller:
 
     # -- finish (thread) -----------------------------------------------------------------------
     def _finish(self, vol: VolumeRun) -> None:
+        """Always reports back, whatever fails: a finish that raised left the volume
+        ``finishing`` for ever, its row running and its message extended without end."""
+        verdict = Verdict.RETRY
         try:
             verdict = lifecycle.finish(self.svc, vol.adm, vol.out)
         except Exception as exc:
             log.exception("finishing %s failed", vol.adm.label)
-            lifecycle.retry_later(self.svc, vol.adm, f"{type(exc).__name__}: {exc}")
-            verdict = Verdict.RETRY
+            verdict = self._retry_after_bug(vol.adm, exc)
         finally:
             vol.out.discard()
-        self.events.put(("finished", vol.key, verdict))
+            self.events.put(("finished", vol.key, verdict))
+
+    def _retry_after_bug(self, adm: Admission, exc: Exception) -> Verdict:
+        """An unclassified error (a bug): route the volume to a retry; if even that fails, stop
+        extending its message, which SQS then shows again after its visibility timeout."""
+        try:
+            return lifecycle.retry_later(self.svc, adm, f"{type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("could not record the failure of %s: its message returns after its "
+                          "visibility timeout", adm.label)
+            adm.message.settled.set()
+            return Verdict.RETRY
 
     def on_finished(self, key: int, verdict: Verdict) -> None:
         vol = self.volumes.pop(key, None)
         if vol is None:
             return
-        self.active_labels.discard((vol.adm.w_id, vol.adm.i_id))
+        label = (vol.adm.w_id, vol.adm.i_id)
+        self.active_labels.discard(label)
+        pages, errors = vol.pages, vol.out.tally.nb_errors
+        if verdict is Verdict.HELD:  # its row could not be settled: the message stays ours
+            self._hold(vol.adm, label, vol.visible_until, pages, errors)
+            return
         self.ctx.mailbox.send("supervisor", Untrack(vol.adm.message.receipt))
-        pages, tally = vol.pages, vol.out.tally
-        errors = tally.nb_errors
-        seconds = time.time() - vol.adm.claimed_at
+        self._count_outcome(vol.adm, verdict, pages, errors, vol.out)
+
+    def _count_outcome(self, adm: Admission, verdict: Verdict, pages: int, errors: int,
+                       out: VolumeFile | None = None) -> None:
+        seconds = time.time() - adm.claimed_at
         if verdict is Verdict.NOT_CLAIMABLE:  # taken over while it ran: lifecycle.let_go said so
             metrics.VOLUMES.labels("taken_over").inc()
             return
+        if verdict is Verdict.RELEASED:
+            metrics.VOLUMES.labels("released").inc()
+            log.info("Released volume %s (message %s handed back unspent): %s", adm.label,
+                     adm.message.message_id, adm.reason)
+            if adm.unavailable == "storage":
+                self._storage_outage(adm.reason)
+            return
         metrics.VOLUMES.labels("done" if verdict is Verdict.ADMITTED else "retry").inc()
+        version = adm.manifest.version if adm.manifest else "?"
         if verdict is Verdict.ADMITTED:
             metrics.VOLUME_SECONDS.observe(seconds)
             self.counters.volumes_done += 1
-            log.info("Successfully processed message: %s", vol.adm.message.message_id)
-            log.info("volume %s v%s done: %d pages, %d errors (%d transient), %d resumed, %.1f s "
-                     "(%.0f ms/page); %d row groups, at most %d page results held",
-                     vol.adm.label, vol.adm.manifest.version, pages, errors, tally.transient_errors,
-                     tally.resumed, seconds, 1000 * seconds / max(1, pages), vol.out.row_groups,
-                     vol.out.held_max,
-                     extra={"volume": vol.adm.label, "outcome": "done", "pages": pages,
-                            "errors": errors, "transient_errors": tally.transient_errors,
-                            "resumed": tally.resumed, "seconds": round(seconds, 3),
-                            "row_groups": vol.out.row_groups, "held_max": vol.out.held_max})
+            log.info("Successfully processed message: %s", adm.message.message_id)
+            detail = ({"transient_errors": out.tally.transient_errors, "resumed": out.tally.resumed,
+                       "row_groups": out.row_groups, "held_max": out.held_max} if out is not None else {})
+            more = (" ({transient_errors} transient), {resumed} resumed".format(**detail) if detail else "")
+            after = ("; {row_groups} row groups, at most {held_max} page results held".format(**detail)
+                     if detail else "")
+            log.info("volume %s v%s done: %d pages, %d errors%s, %.1f s (%.0f ms/page)%s",
+                     adm.label, version, pages, errors, more, seconds, 1000 * seconds / max(1, pages), after,
+                     extra={"volume": adm.label, "outcome": "done", "pages": pages,
+                            "errors": errors, "seconds": round(seconds, 3), **detail})
         else:
             self.counters.volumes_retry += 1
+            transient = out.tally.transient_errors if out is not None else 0
             log.warning("volume %s v%s not done (%d pages, %d errors, %d transient): will be retried",
-                        vol.adm.label, vol.adm.manifest.version, pages, errors, tally.transient_errors,
-                        extra={"volume": vol.adm.label, "outcome": "retry", "pages": pages,
-                               "errors": errors, "transient_errors": tally.transient_errors})
+                        adm.label, version, pages, errors, transient,
+                        extra={"volume": adm.label, "outcome": "retry", "pages": pages,
+                               "errors": errors, "transient_errors": transient})
 
     # -- visibility (thread) -------------------------------------------------------------------
     def extender(self) -> None:
@@ -554,26 +780,41 @@ class Controller:
         margin = max(1.0, vt / 2)
         while not self.stopping:
             time.sleep(min(1.0, max(0.2, vt / 6)))
-            now = time.monotonic()
-            due = {id(v.adm.message): v for v in list(self.volumes.values())
-                   if now > v.visible_until - margin}
-            messages = [v.adm.message for v in due.values()]
-            for start in range(0, len(messages), 10):
-                for message in lifecycle.extend_visibility(self.svc, messages[start:start + 10], vt):
-                    due[id(message)].visible_until = now + vt
+            try:
+                self._extend_due(vt, margin)
+            except Exception:  # a bug: reported, and extensions go on
+                log.exception("visibility extension failed unexpectedly")
+
+    def _extend_due(self, vt: int, margin: float) -> None:
+        """Volumes running, and messages held while the database does not answer."""
+        now = time.monotonic()
+        holders: list[VolumeRun | Held] = [*list(self.volumes.values()), *list(self.held.values())]
+        due = {id(h.adm.message): h for h in holders if now > h.visible_until - margin}
+        messages = [h.adm.message for h in due.values()]
+        for start in range(0, len(messages), 10):
+            for message, seconds in lifecycle.extend_visibility(self.svc, messages[start:start + 10], vt):
+                due[id(message)].visible_until = now + seconds
 
     # -- shutdown ------------------------------------------------------------------------------
     def release_all(self, reason: str) -> None:
+        """The run ends: every volume in flight is given back (its message requeued unspent:
+        a drain is not the volume's fault), and the held messages are left as they are."""
         for key, vol in list(self.volumes.items()):
             if vol.finishing:
                 continue
             self.volumes.pop(key, None)
             vol.out.discard()
-            lifecycle.release(self.svc, vol.adm, reason)  # settles it: never extended again
-            metrics.VOLUMES.labels("released").inc()
             self.active_labels.discard((vol.adm.w_id, vol.adm.i_id))
+            if lifecycle.release(self.svc, vol.adm, reason) is Verdict.HELD:
+                vol.adm.message.settled.set()  # never released on a guess: see _abandon_held
+                log.warning("Volume %s: message %s left hidden until its visibility timeout (its task "
+                            "could not be released: the database did not answer)", vol.adm.label,
+                            vol.adm.message.message_id)
+                continue
+            metrics.VOLUMES.labels("released").inc()
             self.ctx.mailbox.send("supervisor", Untrack(vol.adm.message.receipt))
             log.info("Released volume %s (message %s visible again)", vol.adm.label, vol.adm.message.message_id)
+        self._abandon_held()
 
     def _hand_back_last_receive(self) -> None:
         """A receive still in flight when the run ends may bring messages that SQS has made
@@ -602,7 +843,7 @@ class Controller:
 
     def done(self) -> str | None:
         """Why the controller may stop now, or None."""
-        idle = not self.volumes and not self.admitting and self.events.empty()
+        idle = not self.volumes and not self.admitting and not self.held and self.events.empty()
         if self.stopping:
             return "stopped"
         if self.draining:
@@ -646,6 +887,7 @@ class Controller:
         self.receiver_thread = threading.Thread(target=self.receiver, name="receiver", daemon=True)
         self.receiver_thread.start()
         threading.Thread(target=self.extender, name="extender", daemon=True).start()
+        threading.Thread(target=self.prober, name="prober", daemon=True).start()
         while True:
             msg = self.ctx.mailbox.recv(timeout=0.02)
             while msg is not None:

@@ -8,19 +8,22 @@ processes). Per-page failures become ``PageFailed`` for the controller.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Iterator
 
 import botocore.exceptions
 
 from bec import aws, imaging
 from bec.errors import PageError
-from bec.localarchive import source_client
+from bec.localarchive import probe_client, source_client
 from bec.ldv1.preprocess import adaptive_threshold_into, frame_size
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
-from bec.pipeline.messages import Fetch, FrameReady
+from bec.pipeline.messages import PAGE_CHANGED as CHANGED, PAGE_S3_UNAVAILABLE as UNAVAILABLE, Fetch, FrameReady
 
 
 def frame_for(config: dict[str, Any], area_bytes: int):
@@ -42,12 +45,18 @@ class Fetcher:
     def __init__(self, ctx: ChildContext) -> None:
         self.ctx = ctx
         p = ctx.pipeline
+        self.probe_client = probe_client(p.source_bucket, p.region)
         self.max_pixels = int(p.config["max_image_pixels"])
         self.max_bytes = int(p.config["max_image_bytes"])
         self.s3 = source_client(p.source_bucket, p.region, max_bytes=self.max_bytes, pool=p.fetch_threads + 2)
         self.rule = frame_for(p.config, ctx.slots.layout.area_bytes)
         self.threshold_here = p.threshold_in_fetch
         self.index = int(ctx.spec.role.rsplit("-", 1)[1])
+        # Decodes run side by side, except a suspect's (``Fetch.alone``), which runs with no
+        # other: if it crashes the process again, it alone is blamed (see ``Controller.scan``).
+        self.gate = threading.Condition()
+        self.decoding = 0
+        self.exclusive = False
 
     def _still_ours(self, msg: Fetch) -> bool:
         row = self.ctx.slots.table[msg.slot]
@@ -70,9 +79,10 @@ class Fetcher:
     def _process(self, msg: Fetch) -> None:
         pool, slot = self.ctx.slots, msg.slot
         t0 = time.perf_counter()
-        data, etag = self._get(msg.bucket, msg.key, msg.size)
+        data, etag = self._get(msg.bucket, msg.key, msg.size, msg.not_after)
         t1 = time.perf_counter()
-        decoded = imaging.decode(data, self.max_pixels, self.rule)
+        with self._decoding(msg):
+            decoded = imaging.decode(data, self.max_pixels, self.rule)
         if not self._still_ours(msg):
             return  # a GET can outlast a slot's rest (a restarted controller retired it): write nothing
         fw, fh = self.rule(decoded.width, decoded.height)
@@ -97,14 +107,43 @@ class Fetcher:
         return PageError("fetch", "too_large", f"s3://{bucket}/{key} is {size:,} bytes ({said_by}), over "
                                                f"the limit of {self.max_bytes:,} (max_image_bytes)")
 
-    def _get(self, bucket: str, key: str, listed_size: int = 0) -> tuple[bytes, str]:
-        """The object's bytes, never more than ``max_image_bytes`` of them in memory: refused
-        by the manifest's size before any GET, by the GET's Content-Length before the body is
-        read, and by what the body really holds (a length can be missing or wrong)."""
+    @contextlib.contextmanager
+    def _decoding(self, msg: Fetch) -> Iterator[None]:
+        """Marks the slot ``busy`` while its page decodes: a decoder that crashes the process
+        (libtiff, libjpeg on a malformed file) is charged to the pages being decoded, not to
+        every page the process held."""
+        with self.gate:
+            self.gate.wait_for(lambda: not self.exclusive and (not msg.alone or self.decoding == 0))
+            self.decoding += 1
+            self.exclusive = msg.alone
+        row = self.ctx.slots.table[msg.slot]
+        row["busy"] = 1
+        try:
+            yield
+        finally:
+            if int(row["gen"]) == msg.gen:
+                row["busy"] = 0
+            with self.gate:
+                self.decoding -= 1
+                if msg.alone:
+                    self.exclusive = False
+                self.gate.notify_all()
+
+    def _get(self, bucket: str, key: str, listed_size: int = 0, not_after: float = 0.0) -> tuple[bytes, str]:
+        """The object's bytes and ETag, never more than ``max_image_bytes`` of them in memory:
+        refused by the manifest's size before any GET, by the GET's Content-Length before the
+        body is read, and by what the body really holds (a length can be missing or wrong).
+
+        With ``not_after`` (the time its manifest was read), an object modified since belongs
+        to a newer version of the volume: the page is refused (``changed_after_manifest``)
+        instead of mixing two versions in one volume's result. A transient failure is checked
+        against S3 as a whole: when S3 itself is down (``s3_unavailable``) the controller
+        pauses and gives the volume back instead of recording the page."""
         if listed_size > self.max_bytes:
             raise self._too_large(bucket, key, listed_size, "by the manifest")
+        pin = {"IfUnmodifiedSince": datetime.fromtimestamp(not_after, timezone.utc)} if not_after else {}
         try:
-            obj = self.s3.get_object(Bucket=bucket, Key=key)
+            obj = self.s3.get_object(Bucket=bucket, Key=key, **pin)
             length = int(obj.get("ContentLength") or 0)
             if length > self.max_bytes:
                 obj["Body"].close()  # the connection goes, unread
@@ -115,7 +154,16 @@ class Fetcher:
                 raise self._too_large(bucket, key, len(data), "at least, read")
             return data, obj.get("ETag", "").strip('"')
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise aws.page_get_error(exc, bucket, key) from None
+            where = f"s3://{bucket}/{key}"
+            if aws.error_code(exc) in {"PreconditionFailed", "412"}:
+                raise PageError("fetch", CHANGED, f"{where} was modified after its manifest was read") from None
+            error = aws.page_get_error(exc, bucket, key)
+            if error.transient:
+                down = aws.probe(self.probe_client, bucket)
+                if down:  # S3 itself, not this object: the controller pauses and gives the volume back
+                    raise PageError("fetch", UNAVAILABLE, f"GET {where}: {aws.error_code(exc)} (S3 is "
+                                                          f"unavailable: {down})") from None
+            raise error from None
 
 
 def run(ctx: ChildContext) -> None:

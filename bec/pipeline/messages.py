@@ -45,6 +45,8 @@ class Fetch(Message):
     bucket: str
     key: str
     size: int = 0  # the object's bytes as the manifest lists them (0: not listed)
+    not_after: float = 0.0  # epoch s: refuse an object modified since (its manifest's read)
+    alone: bool = False     # a page whose decoder crashed before: decoded with no other page
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ class PageDone(Message):
     kind: ClassVar[str] = "done"
     slot: int
     gen: int
+
+
+#: ``PageFailed.error`` values that are not the page's fault: the controller gives the volume
+#: back (unspent) instead of writing an error row.
+PAGE_S3_UNAVAILABLE = "s3_unavailable"          # S3 as a whole fails (outage, credentials)
+PAGE_CHANGED = "changed_after_manifest"         # the volume is being rewritten under us
 
 
 @dataclass(frozen=True)

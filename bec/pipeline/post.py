@@ -61,6 +61,7 @@ class Post:
         original = (int(row["orig_w"]), int(row["orig_h"]))
         pass_no = int(row["pass_no"])
         correction = load_correction(row) if pass_no == 2 else NONE
+        row["busy"] = 1  # a crash now is this page's doing (see Controller.scan)
         try:
             mask = pool.mask(msg.slot, h, w)
             lines = find_lines(mask, original, correction)
@@ -72,9 +73,11 @@ class Post:
                     row["post_ms"] = row["post_ms"] + (time.perf_counter() - started) * 1000
                     return
         except Exception as exc:
+            row["busy"] = 0
             self.ctx.log.exception("post-processing failed")
             self.ctx.fail_page(msg.slot, msg.gen, "post", "postprocess_error", f"{type(exc).__name__}: {exc}")
             return
+        row["busy"] = 0
         skew = float(row["skew"]) if pass_no == 2 else lines.angle
         payload = encode_result({
             "contours": lines.contours, "boxes": lines.boxes, "line_index": lines.line_index,
@@ -100,6 +103,7 @@ class Post:
         if self.threshold_in_fetch:
             adaptive_threshold_into(frame, pool.mask(msg.slot, h, w))
         row["binary_ready"] = int(self.threshold_in_fetch)
+        row["busy"] = 0
         row["pass_no"] = 2
         row["skew"] = skew
         store_correction(row, plan)

@@ -53,6 +53,7 @@ SLOT_DTYPE = np.dtype([
     ("fetch_ms", np.float32), ("decode_ms", np.float32),
     ("infer_ms", np.float32), ("post_ms", np.float32),
     ("nbytes", np.int64),       # size of the fetched object
+    ("busy", np.int32),         # 1 while its holder decodes or post-processes it (a crash then is its doing)
     ("etag", f"S{ETAG_BYTES}"),
 ], align=True)
 

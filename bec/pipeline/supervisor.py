@@ -145,6 +145,9 @@ class Supervisor:
         self.mailbox.start_reader()
         self.children = {role: Child(role) for role in pipeline.roles if role != "supervisor"}
         self.ledger: set[str] = set()  # receipts of the messages the controller holds
+        self.unreleased = ""  # a dead controller's tasks and messages wait for release (the reason)
+        self.next_release_try = 0.0
+        self.release_warned = False
         self.signals = 0
         self._said: set[bool] = set()  # which signal reactions were logged (a retried one is not)
         self.finished: str | None = None
@@ -185,28 +188,50 @@ class Supervisor:
                             child.role, proc.pid, proc.exitcode, len(child.crashes), CRASH_WINDOW_S)
                 telemetry.mark_dead(proc.pid)
                 metrics.RESTARTS.labels(child.role.split("-")[0]).inc()
-                if child.role == "controller":
-                    self.release_ledger("released: controller restarted")
                 if len(child.crashes) > MAX_CRASHES:
                     self.fatal = f"{child.role} crashed {len(child.crashes)} times in {CRASH_WINDOW_S:.0f} s"
                     continue
                 child.restart_at = now + min(30.0, 0.5 * 2 ** (len(child.crashes) - 1))
+                if child.role == "controller":
+                    self.unreleased = "released: controller restarted"
+            if child.role == "controller" and self.unreleased and not self._release_dead_controllers():
+                continue  # no new controller while the dead one's tasks are not released
             if child.process is None and child.restart_at is not None and now >= child.restart_at \
                     and not self.finished and not self.fatal:
                 self.spawn(child)
 
-    def release_ledger(self, reason: str) -> None:
+    def _release_dead_controllers(self) -> bool:
+        """Release what a dead controller held; tried again (every heartbeat) while PostgreSQL
+        does not answer. A restarted controller could claim meanwhile, and releasing "every
+        running task of this worker" would then take its new claims too: it waits."""
+        now = time.monotonic()
+        if now < self.next_release_try:
+            return False
+        self.next_release_try = now + HEARTBEAT_S
+        if not self.release_ledger(self.unreleased):
+            return False
+        self.unreleased = ""
+        return True
+
+    def release_ledger(self, reason: str) -> bool:
         """Messages the (dead) controller held: visible again now; their tasks retryable.
 
         Every ``running`` task of this worker is released (the dead controller held them
         all), including a claim its admit thread made just before it died: left ``running``
         under this live worker, every other worker would find it "running elsewhere" until
         its message went to the DLQ. The rows go before the messages, so that whoever
-        receives a message next can claim it."""
+        receives a message next can claim it; when the rows cannot be released (PostgreSQL
+        does not answer), the messages are not released either (False): they stay hidden,
+        and come back at the end of their visibility timeout at the latest."""
         try:
             tasks.release_running(self.db, self.p.worker_id, reason)
         except Unavailable as exc:
-            log.warning("could not mark this worker's tasks retryable: %s", exc)
+            if self.ledger and not self.release_warned:
+                log.warning("could not mark this worker's tasks retryable (%s): their %d message(s) are "
+                            "not released until it can", exc, len(self.ledger))
+            self.release_warned = True
+            return False
+        self.release_warned = False
         for receipt in list(self.ledger):
             try:
                 self.sqs.change_message_visibility(QueueUrl=self.p.queue_url, ReceiptHandle=receipt,
@@ -214,15 +239,20 @@ class Supervisor:
             except Exception as exc:  # the message may be deleted already
                 log.debug("release of a message failed: %s", exc)
             self.ledger.discard(receipt)
+        return True
 
     # -- heartbeat -----------------------------------------------------------------------------
     def heartbeat(self) -> None:
+        """Nothing may end this thread but the stop: a worker whose heartbeat stopped looks
+        dead while it works, and another worker takes its volumes over and runs them twice."""
         while not self._stop_heartbeat.wait(HEARTBEAT_S):
             try:
                 tasks.heartbeat(self.db, self.p.worker_id)
                 metrics.HEARTBEAT.set_to_current_time()
             except BecError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:  # unclassified: a bug, reported, and the heartbeat goes on
+                log.exception("heartbeat failed unexpectedly; trying again in %.0f s", HEARTBEAT_S)
 
     # -- signals -------------------------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any) -> None:
