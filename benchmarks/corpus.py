@@ -1,7 +1,7 @@
 """A reproducible corpus shaped like the archive, for benchmarks.
 
-About 70 % JPEG (RGB and grayscale, a few hundred kB, long side up to ~2,500 px, mostly
-wide pecha pages) and 30 % Group 4 bilevel TIFF (tens of kB). Generating a page costs
+About 70 % JPEG (RGB and grayscale, a few hundred kB, long side up to ~4,000 px, mostly
+wide pecha pages, the rest book pages) and 30 % Group 4 bilevel TIFF (tens of kB). Generating a page costs
 tens of milliseconds, so a pool of distinct pages (seeded) is rendered once, cached on
 disk, and volumes draw from it: decode and inference costs are those of real distinct
 pages, while a 5,000-page corpus is ready in seconds.
@@ -58,15 +58,17 @@ class Corpus:
 def _render(kind: str, rng: np.random.Generator) -> Page:
     from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
 
-    synth = generate_page(rng, "bilevel" if kind == "tiff_g4" else "gray")
-    data = (encode_tiff_g4(synth.image) if kind == "tiff_g4"
+    capture = {"jpeg_rgb": "photo", "jpeg_gray": "scan", "tiff_g4": "bilevel"}[kind]
+    synth = generate_page(rng, capture=capture)
+    data = (encode_tiff_g4(synth.image, synth.dpi) if kind == "tiff_g4"
             else encode_jpeg(synth.image, rgb=kind == "jpeg_rgb", quality=JPEG_QUALITY))
     h, w = synth.image.shape
     return Page(kind, data, w, h, synth.n_lines)
 
 
 def page_pool(size: int, seed: int, cache_dir: Path | None) -> list[Page]:
-    cache = cache_dir / f"pool-{seed}-{size}.pkl" if cache_dir else None
+    # v2: the font-rendered generator (a pool cached by the stroke generator is not reused)
+    cache = cache_dir / f"pool-v2-{seed}-{size}.pkl" if cache_dir else None
     if cache and cache.exists():
         return pickle.loads(cache.read_bytes())  # noqa: S301 - our own cache file
     rng = np.random.default_rng(seed)
