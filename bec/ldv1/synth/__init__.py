@@ -76,7 +76,7 @@ STYLES = ("gray", "bilevel")
 KIND_WEIGHTS = {"pecha": 0.2, "woodblock": 0.15, "manuscript": 0.3, "book": 0.25, "toc": 0.1}
 CAPTURE_WEIGHTS = {"photo": 0.35, "scan": 0.35, "bilevel": 0.3}
 EVAL_SEED_START = 1_000_000      # training seeds are < this, evaluation seeds ≥ this
-_MAX_FLAT_PIXELS = 6_000_000     # a 600-dpi page is drawn at most this big (speed)
+_MAX_FLAT_PIXELS = 4_000_000     # a 600-dpi page is drawn at most this big (speed)
 
 
 @dataclass

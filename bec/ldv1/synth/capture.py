@@ -144,20 +144,58 @@ def capture(rng: np.random.Generator, cv: Canvas, mode: str, skew: float, bend: 
     ink = _ink_texture(rng, cv)
     ink = cv2.remap(ink, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     labels = cv2.remap(cv.labels, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    page = cv2.remap(np.full((fh, fw), 255, np.uint8), mx, my, cv2.INTER_LINEAR,
+    page = cv2.remap(_page_mask(rng, fh, fw, cv.aged), mx, my, cv2.INTER_LINEAR,
                      borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(np.float32) * (1 / 255.0)
     art = None
     if cv.art is not None:
         art = cv2.remap(cv.art, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                         borderValue=0).astype(np.float32) * (1 / 255.0)
-    img = _light(rng, ink, page, art, photo, mode)
+    img = _light(rng, ink, page, art, photo, mode, cv.aged)
     if mode == "bilevel":
         img = _binarise(rng, img)
     return img, labels
 
 
+def _page_mask(rng: np.random.Generator, h: int, w: int, aged: bool) -> np.ndarray:
+    """The paper's outline (uint8 255 inside): a rectangle, or a worn, torn edge."""
+    if not aged:
+        return np.full((h, w), 255, np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    k = 40
+    t = np.linspace(0.0, 1.0, k, endpoint=False)
+    depth = min(h, w) * rng.uniform(0.005, 0.03)
+
+    def edge() -> np.ndarray:                     # inward bite along one side, smooth + ragged
+        smooth = np.abs(np.interp(t, np.linspace(0, 1, 6), rng.standard_normal(6)))
+        return depth * (0.6 * smooth + 0.4 * rng.random(k))
+
+    top = np.stack([t * w, edge()], 1)
+    right = np.stack([w - 1 - edge(), t * h], 1)
+    bottom = np.stack([(1 - t) * w, h - 1 - edge()], 1)
+    left = np.stack([edge(), (1 - t) * h], 1)
+    poly = np.concatenate([top, right, bottom, left]).astype(np.int32)
+    cv2.fillPoly(mask, [poly], 255, cv2.LINE_AA)
+    return mask
+
+
+def _creases(rng: np.random.Generator, img: np.ndarray, page: np.ndarray) -> None:
+    """Folds and cracks of an old folio: thin, darker (sometimes lighter) wandering curves."""
+    h, w = img.shape
+    layer = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(1, 8))):
+        n = 12
+        start = np.array([rng.uniform(0, w), rng.uniform(0, h)])
+        heading = rng.uniform(0, 2 * np.pi)
+        step = max(h, w) * rng.uniform(0.01, 0.05)
+        turns = np.cumsum(rng.normal(0.0, 0.3, n)) + heading
+        pts = start + np.cumsum(np.stack([np.cos(turns), np.sin(turns)], 1) * step, 0)
+        cv2.polylines(layer, [pts.astype(np.int32)], False, float(rng.uniform(-0.25, 0.4)),
+                      int(rng.integers(1, 3)), cv2.LINE_AA)
+    img *= 1.0 - layer * page
+
+
 def _light(rng: np.random.Generator, ink: np.ndarray, page: np.ndarray, art: np.ndarray | None,
-           photo: bool, mode: str) -> np.ndarray:
+           photo: bool, mode: str, aged: bool = False) -> np.ndarray:
     """Paper, ink and light composited (float work at 1/8 scale where it is smooth)."""
     h, w = ink.shape
     lh, lw = h // 8 + 1, w // 8 + 1
@@ -196,6 +234,8 @@ def _light(rng: np.random.Generator, ink: np.ndarray, page: np.ndarray, art: np.
     img = paper * (1.0 - fade * cover)
     if art is not None:
         img *= 1.0 - 0.8 * art
+    if aged and rng.random() < 0.7:
+        _creases(rng, img, page)
     if photo or rng.random() < 0.3:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 1.3 if photo else 0.8))
     # What lies outside the page: a dark table for photographs, white or grey for scans.

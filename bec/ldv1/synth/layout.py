@@ -40,6 +40,7 @@ class Canvas:
     n_lines: int = 0
     stroke: int = 0                     # >0 thickens ink (woodblock), <0 thins it
     blots: bool = False
+    aged: bool = False                  # creased, worn folio (manuscripts, woodblocks)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -339,8 +340,10 @@ def pecha(rng: np.random.Generator, h: int, w: int, variant: str) -> Canvas:
         _frame(cv, rng, fx0, fy0, fx1, fy1, thick, rng.random() < 0.5)
     block_h = fy1 - fy0
     pitch = block_h / (n + rng.uniform(0.0, 0.4))
-    body = pitch / (rng.uniform(1.8, 2.6) if script == "uchen" else rng.uniform(2.0, 2.9))
+    # Line pitch over body height: about 3 on most folios, down to 1.8 on crowded ones.
+    body = pitch / (rng.uniform(1.8, 3.6) if script == "uchen" else rng.uniform(2.0, 3.8))
     style = _pick_style(rng, script, body, irregular=variant == "manuscript")
+    cv.aged = variant != "print" or rng.random() < 0.3
     if variant == "woodblock":
         cv.stroke = int(rng.integers(0, 3))
         cv.blots = True
@@ -457,7 +460,7 @@ def book(rng: np.random.Generator, h: int, w: int) -> Canvas:
     n = int(rng.integers(13, 24))
     text_h = h - my0 - my1
     pitch = text_h / (n + 3.5)
-    body = pitch / rng.uniform(1.9, 2.5)
+    body = pitch / rng.uniform(2.0, 4.2)
     style = _pick_style(rng, "uchen", body)
     style.space = body * rng.uniform(0.3, 0.9)
     writer = Writer(rng)
@@ -490,7 +493,7 @@ def book(rng: np.random.Generator, h: int, w: int) -> Canvas:
     verse_left = 0
     while y + body < bottom:
         x0, x1 = mx0, w - mx1
-        if verse_left == 0 and rng.random() < 0.08:
+        if verse_left == 0 and rng.random() < 0.05:
             verse_left = int(rng.integers(2, 6))
         if verse_left:
             ind = (x1 - x0) * rng.uniform(0.06, 0.15)
@@ -503,9 +506,9 @@ def book(rng: np.random.Generator, h: int, w: int) -> Canvas:
             verse_left -= 1
         else:
             ind = body * rng.uniform(1.0, 3.0) if para_start and rng.random() < 0.5 else 0.0
-            end_para = rng.random() < 0.12
+            end_para = rng.random() < 0.07
             got = write_line(cv, rng, writer, style, [(x0 + ind, x1)], y, label=cv.n_lines + 1,
-                             justify=rng.random() < 0.5, fill=rng.uniform(0.2, 0.9) if end_para else 1.0)
+                             justify=rng.random() < 0.7, fill=rng.uniform(0.2, 0.9) if end_para else 1.0)
             para_start = end_para
         if got:
             cv.n_lines += 1
@@ -545,7 +548,7 @@ def contents(rng: np.random.Generator, h: int, w: int) -> Canvas:
     mx, my = w * rng.uniform(0.06, 0.12), h * rng.uniform(0.06, 0.1)
     rows = int(rng.integers(8, 20))
     pitch = (h - 2 * my) / (rows + 2.5)
-    body = pitch / rng.uniform(1.9, 2.6)
+    body = pitch / rng.uniform(2.0, 3.8)
     style = _pick_style(rng, "uchen", body)
     writer = Writer(rng)
     y = my
