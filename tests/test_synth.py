@@ -96,7 +96,8 @@ def _centre_rows(labels: np.ndarray, k: int) -> dict[int, float]:
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_known_bend_moves_the_lines_by_at_most_its_amplitude(seed: int) -> None:
     """The same page flat and bent by B px: each line's centre moves by a smooth profile
-    whose largest displacement is B (the image grows by 2B to hold it)."""
+    whose largest displacement is B (reached within the text block, or nearly: the profile
+    may peak at the page edge); the image grows by 2B to hold it."""
     bend = 24.0
     flat = generate_page(np.random.default_rng(seed), "manuscript", "scan", skew=0.0, bend=0.0, perspective=0.0)
     bent = generate_page(np.random.default_rng(seed), "manuscript", "scan", skew=0.0, bend=bend, perspective=0.0)
@@ -107,8 +108,7 @@ def test_known_bend_moves_the_lines_by_at_most_its_amplitude(seed: int) -> None:
         a, b = _centre_rows(flat.line_labels, k), _centre_rows(bent.line_labels, k)
         moves += [b[x] - a[x] - offset for x in a.keys() & b.keys()]
     moves = np.array(moves)
-    assert np.abs(moves).max() <= bend + 2.0
-    assert moves.max() - moves.min() >= 0.4 * bend
+    assert 0.5 * bend <= np.abs(moves).max() <= bend + 2.0
 
 
 def test_explicit_size_is_honoured_and_wide_sizes_give_pechas() -> None:

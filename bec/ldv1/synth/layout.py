@@ -111,6 +111,7 @@ class TextStyle:
     wave: float = 0.0           # amplitude of a slow baseline wave, px (manuscripts)
     jitter: float = 0.0         # per-syllable baseline jitter, px
     value: float = 1.0          # ink coverage scale (faint ruling uses less)
+    wide_gaps: float = 0.08     # share of spaces that are wide (a sentence end, a tab)
 
     @property
     def ppem(self) -> int:
@@ -118,7 +119,7 @@ class TextStyle:
 
     def scaled(self, factor: float) -> "TextStyle":
         return TextStyle(self.font, self.body * factor, self.space * factor,
-                         self.wave * factor, self.jitter * factor, self.value)
+                         self.wave * factor, self.jitter * factor, self.value, self.wide_gaps)
 
 
 def _pick_style(rng: np.random.Generator, script: str, body: float, *,
@@ -173,7 +174,10 @@ def write_line(canvas: Canvas, rng: np.random.Generator, writer: Writer, style: 
                     break
                 if seg_units and not seg_units[-1][0].endswith(" "):
                     gaps.append(len(seg_units) - 1)
-                    x += style.space * rng.uniform(0.8, 1.3)
+                    # Real lines have wide blanks too (after a sentence, round a verse):
+                    # they stay inside the line, which is what a model must learn.
+                    wide = rng.random() < style.wide_gaps
+                    x += style.body * rng.uniform(2.5, 7.0) if wide else style.space * rng.uniform(0.8, 1.3)
             unit_text = queue[0]
             units = _units(writer, unit_text)
             u = units[0]
@@ -271,6 +275,22 @@ def _frame(canvas: Canvas, rng: np.random.Generator, x0: float, y0: float, x1: f
         _box(canvas, rng, x0 - d, y0 - d, x1 + d, y1 + d, max(1, int(thick * rng.uniform(1.0, 2.5))))
 
 
+def _block_edge(canvas: Canvas, rng: np.random.Generator, x0: float, x1: float, y: float,
+                thick: float) -> None:
+    """A woodblock's inked edge: broken, wobbling strokes of uneven weight along a rule."""
+    x = x0 + rng.uniform(0, 0.05) * (x1 - x0)
+    while x < x1:
+        length = (x1 - x0) * rng.uniform(0.03, 0.3)
+        n = max(2, int(length / max(thick, 2.0)))
+        xs = np.linspace(x, min(x + length, x1), n)
+        ys = y + rng.normal(0.0, thick * 0.3, n) + rng.uniform(-thick, thick)
+        pts = np.stack([xs, ys], 1)
+        cv2.polylines(canvas.ink, [np.round(pts * (1 << _SHIFT)).astype(np.int32)], False,
+                      int(rng.uniform(150, 255)), max(1, int(thick * rng.uniform(0.4, 1.2))),
+                      cv2.LINE_AA, _SHIFT)
+        x += length + (x1 - x0) * rng.uniform(0.0, 0.05)
+
+
 def _vertical_text(canvas: Canvas, rng: np.random.Generator, writer: Writer, style: TextStyle,
                    cx: float, cy: float, length: float, text: str | None = None) -> None:
     """A margin title or folio number written sideways (rotated 90°), centred on (cx, cy)."""
@@ -339,6 +359,10 @@ def pecha(rng: np.random.Generator, h: int, w: int, variant: str) -> Canvas:
     if framed:
         _frame(cv, rng, fx0, fy0, fx1, fy1, thick, rng.random() < 0.5)
     block_h = fy1 - fy0
+    if variant == "woodblock" or rng.random() < 0.2:
+        # The printing block's edges: rough, smudged bands of ink along the frame.
+        for y in (fy0, fy1):
+            _block_edge(cv, rng, fx0, fx1, y, block_h / n * rng.uniform(0.08, 0.3))
     pitch = block_h / (n + rng.uniform(0.0, 0.4))
     # Line pitch over body height: about 3 on most folios, down to 1.8 on crowded ones.
     body = pitch / (rng.uniform(1.8, 3.6) if script == "uchen" else rng.uniform(2.0, 3.8))
@@ -390,14 +414,14 @@ def pecha(rng: np.random.Generator, h: int, w: int, variant: str) -> Canvas:
             else:
                 tx1 = ix0 - pad
     # String holes: circles the lines make room for.
-    holes: list[tuple[float, float, float]] = []
-    if variant != "woodblock" and rng.random() < 0.35:
+    holes: list[tuple[float, float, float, float]] = []     # (cx, cy, r, extra clearance)
+    if variant != "woodblock" and rng.random() < 0.5:
         r = pitch * rng.uniform(1.0, 1.8)
         k = 2 if rng.random() < 0.7 else 1
         for f in ((1 / 3, 2 / 3) if k == 2 else (0.5,)):
             cx = tx0 + (tx1 - tx0) * (f + rng.uniform(-0.05, 0.05))
             cy = (fy0 + fy1) / 2 + rng.uniform(-0.2, 0.2) * pitch
-            holes.append((cx, cy, r))
+            holes.append((cx, cy, r, rng.uniform(0.0, 2.5)))
             if rng.random() < 0.7:
                 cv2.circle(cv.ink, (int(cx), int(cy)), int(r), int(rng.uniform(90, 200)), max(1, thick // 2),
                            cv2.LINE_AA)
@@ -430,15 +454,15 @@ def pecha(rng: np.random.Generator, h: int, w: int, variant: str) -> Canvas:
 
 
 def _around_holes(x0: float, x1: float, top: float, body: float,
-                  holes: list[tuple[float, float, float]], pad: float) -> list[tuple[float, float]]:
+                  holes: list[tuple[float, float, float, float]], pad: float) -> list[tuple[float, float]]:
     """The x ranges of a line that stay clear of the string-hole circles."""
     segs = [(x0, x1)]
-    for cx, cy, r in holes:
+    for cx, cy, r, extra in holes:
         dy = max(abs(top - cy), abs(top + body - cy))
         near = min(abs(top - cy), abs(top + body - cy)) if not (top <= cy <= top + body) else 0.0
         if near >= r + body * 0.5:
             continue
-        half = np.sqrt(max(r * r - min(dy, near) ** 2, 0.0)) + pad * 0.5
+        half = np.sqrt(max(r * r - min(dy, near) ** 2, 0.0)) + pad * 0.5 + body * extra
         out = []
         for a, b in segs:
             if cx - half > a + body:
@@ -470,7 +494,7 @@ def book(rng: np.random.Generator, h: int, w: int) -> Canvas:
     # Running header: the page number at the outer edge and a title, as one line.
     title_style = style.scaled(rng.uniform(0.8, 1.0))
     if rng.random() < 0.85:
-        x_title = mx0 + (w - mx0 - mx1) * rng.uniform(0.1, 0.35)
+        x_title = mx0 + (w - mx0 - mx1) * rng.uniform(0.1, 0.45)
         lo = hi = None
         if where in ("header", "both"):
             lo, hi = write_digits(cv, number, mx0, y, title_style.body, rng, label=cv.n_lines + 1)
