@@ -111,7 +111,7 @@ class TextStyle:
     wave: float = 0.0           # amplitude of a slow baseline wave, px (manuscripts)
     jitter: float = 0.0         # per-syllable baseline jitter, px
     value: float = 1.0          # ink coverage scale (faint ruling uses less)
-    wide_gaps: float = 0.08     # share of spaces that are wide (a sentence end, a tab)
+    wide_gaps: float = 0.03     # share of spaces that are wide (a sentence end, a tab)
 
     @property
     def ppem(self) -> int:
@@ -177,7 +177,7 @@ def write_line(canvas: Canvas, rng: np.random.Generator, writer: Writer, style: 
                     # Real lines have wide blanks too (after a sentence, round a verse):
                     # they stay inside the line, which is what a model must learn.
                     wide = rng.random() < style.wide_gaps
-                    x += style.body * rng.uniform(2.5, 7.0) if wide else style.space * rng.uniform(0.8, 1.3)
+                    x += style.body * rng.uniform(2.5, 6.0) if wide else style.space * rng.uniform(0.8, 1.3)
             unit_text = queue[0]
             units = _units(writer, unit_text)
             u = units[0]
