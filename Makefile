@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.bootstrapped
 
-.PHONY: venv demo test test-fast bench device-kit clean
+.PHONY: venv demo test test-fast bench train eval-real device-kit clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -27,6 +27,16 @@ test-fast: venv
 
 bench: venv
 	$(VENV)/bin/python -m benchmarks.ldv1
+
+# The shipped small model, retrained from scratch on generated pages (CPU, under 45 min):
+# exactly how bec/ldv1/weights/small.pth was made.
+train: venv
+	nice -n 10 $(VENV)/bin/python -m bec.ldv1.train
+
+# The line counts on real pages, against their true counts (read by path, never copied here).
+REAL_DIR ?= ../shared/real-dev
+eval-real: venv
+	$(VENV)/bin/python -m bec.ldv1.evaluate_real $(REAL_DIR) benchmarks/real-dev-counts.csv
 
 # What a bare, offline GPU machine needs for benchmarks/device_check.sh (see that script).
 device-kit:

@@ -1,7 +1,8 @@
 """``bec demo``: the whole system on the local stack, with pictures of what it found.
 
-Brings the local stack up, generates BDRC-layout volumes of pecha-like pages (JPEG and
-Group 4 TIFF) into the archive bucket, creates job ``ldv1`` with the shipped model,
+Brings the local stack up, generates BDRC-layout volumes of archive-like Tibetan pages
+(``bec.ldv1.synth``: pechas, book pages, tables of contents; JPEG and Group 4 TIFF) into
+the archive bucket, creates job ``ldv1`` with the shipped model,
 enqueues the volumes, runs ``bec worker --procs 2`` to completion, prints the job's
 statistics and writes ``demo-out/``: every page with its detected lines drawn over it and
 an ``index.html`` gallery per volume. Each step runs the real ``bec`` command.
