@@ -235,5 +235,5 @@ def test_a_volume_rewritten_while_it_runs_is_not_mixed_but_processed_at_its_new_
     assert all(f"/{new_version}/" in key for key in listed), listed  # nothing written for the old version
     pages = read_parquet(stack, "W1", "I1", new_version)
     head = stack.s3.head_object(Bucket=SOURCE_BUCKET, Key=prefix + last)
-    assert pages[-1]["img_s3_etag"] == head["ETag"].strip('"')
+    assert pages[-1]["source_etag"] == head["ETag"].strip('"')
     assert queue_counts(stack, q["queue"]) == (0, 0) and queue_counts(stack, q["dlq"]) == (0, 0)

@@ -15,6 +15,7 @@ import pytest
 
 from bec import aws, lifecycle, tasks
 from bec.errors import RetryableError, StorageUnavailable
+from bec.volumefile import VolumeFile
 from bec.lifecycle import Received, Services, Verdict
 from conftest import DEST_BUCKET, REGION, SOURCE_BUCKET
 from dbfaults import FlakyDatabase
@@ -104,8 +105,10 @@ def test_a_done_that_could_not_be_recorded_keeps_its_message(stack, world):
     svc = services(stack, world)
     adm = lifecycle.admit(svc, send_volume(stack, world))
     world["db"].lose(MARK_DONE)
-    pages = [lifecycle.artifacts.PageOutcome(e.filename, True) for e in adm.manifest.entries]
-    assert lifecycle.finish(svc, adm, pages) is Verdict.HELD
+    out = VolumeFile(len(adm.manifest.entries), {})
+    for n, entry in enumerate(adm.manifest.entries):
+        out.add(n, lifecycle.artifacts.PageOutcome(entry.filename, True))
+    assert lifecycle.finish(svc, adm, out) is Verdict.HELD
     assert task_rows(stack)[0]["status"] == "running" and queue_counts(stack, world["q"]["queue"]) == (0, 1)
     assert adm.pending() is Verdict.ADMITTED
     assert task_rows(stack)[0]["status"] == "done" and queue_counts(stack, world["q"]["queue"]) == (0, 0)
