@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +31,8 @@ class MadePage:
     width: int
     height: int
     geometry: str = "straight"
+    #: int16 H×W: 0 paper, k = the band of text line k (the generator's exact ground truth)
+    line_labels: Any = field(default=None, repr=False, compare=False)
 
 
 def render(kind: str, rng: np.random.Generator, width: int | None = None,
@@ -95,7 +97,7 @@ def make_volume(s3: Any, bucket: str, w_id: str, i_id: str, n_pages: int, seed: 
         if len(data) > 2_000_000:
             entry["size"] = len(data)
         entries.append(entry)
-        made.append(MadePage(name, kind, page.n_lines, int(w), int(h), geometry))
+        made.append(MadePage(name, kind, page.n_lines, int(w), int(h), geometry, page.line_labels))
     put_manifest(s3, bucket, w_id, i_id, entries)
     return made
 
