@@ -11,13 +11,15 @@ How (on a straightened page: the caller rotates the boxes by the residual skew f
 * Two contours are *neighbours in a row* when their vertical extents overlap by at least
   half the smaller height and they barely overlap horizontally; each contour is linked to
   its nearest such neighbour on the right.
-* A gap up to ``JOIN_GAP`` band heights is always inside a line (shads, spaces).
-* A wider gap is inside a line unless it is a **gutter**: a vertical strip that almost no
-  other line crosses. The test is the page's column coverage: how many contours cover each
-  x. A string hole or an inset interrupts a few lines while the lines above and below run
-  through it; a column gutter or the edge of a side panel interrupts (nearly) all of them.
-  So a gap is a gutter when the coverage across its middle is at most ``GUTTER_SHARE`` of
-  the coverage that the text body typically has.
+* A gap up to ``MIN_GUTTER_GAP`` band heights is always inside a line.
+* A wider gap is inside a line unless it is a **gutter**. The test is the page's column
+  coverage: how many contours cover each x. A string hole or an inset interrupts a few lines
+  while the lines above and below run through it; a column gutter or the edge of a side
+  panel interrupts (nearly) all of them. So a gap wider than ``JOIN_GAP`` bands is a gutter
+  when the coverage across its middle is at most ``GUTTER_SHARE`` of the coverage that the
+  text body typically has; and any gap is one when rows from the top of the text to its
+  bottom are split there, at least as many as run across it (a narrow gutter that the model
+  bridged on some rows). Shads and spaces do not line up from one line to the next.
 
 Lines are ordered top to bottom, lines at the same height left to right, and the contours
 of a line left to right.
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Gaps up to this many band heights are always within a line: a shad and its spaces, or
-#: the gap before a page number in a table of contents, even when they line up from one
-#: line to the next; a column gutter is wider.
+#: Gaps up to this many band heights are within a line unless the rows split there from
+#: the top of the text to its bottom (a narrow column gutter); wider gaps also when almost
+#: nothing crosses them. Shads and spaces do not line up from one line to the next.
 JOIN_GAP = 1.5
+#: Gaps up to this many band heights are always within a line.
+MIN_GUTTER_GAP = 0.5
 #: Vertical overlap (share of the smaller height) for two contours to sit in one row.
 ROW_OVERLAP = 0.5
 #: Horizontal overlap (share of the narrower width) above which two contours are stacked,
@@ -40,6 +44,10 @@ GUTTER_SHARE = 0.25
 #: Below this body coverage (lines typically stacked at one x) there are too few lines to
 #: tell a gutter from a gap, and wide gaps stay inside their line.
 MIN_BODY_LINES = 3
+#: A gap that at least this many rows share, as many as cross it, from rows spread over this
+#: share of the text's height, is a gutter too (see _is_gutter).
+MIN_SPLIT_ROWS = 3
+GUTTER_SPAN = 0.6
 #: Lines whose centres differ by less than this many band heights are at the same height.
 SAME_HEIGHT = 0.5
 
@@ -84,13 +92,16 @@ def group_lines(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     coverage = _column_coverage(x0, x1)
     body = _body_coverage(coverage)
 
+    pairs = [(i, j) for i in range(n)
+             for j in [_right_neighbour(i, x0, y0, x1, y1, width, height)] if j is not None]
+    gaps = [(float(x1[i]), float(x0[j]), float(y0[i] + y1[i]) / 2) for i, j in pairs
+            if x0[j] - x1[i] > MIN_GUTTER_GAP * band]
+    block = float(y1.max() - y0.min())
     union = _Union(n)
-    for i in range(n):
-        j = _right_neighbour(i, x0, y0, x1, y1, width, height)
-        if j is None:
-            continue
+    for i, j in pairs:
         gap = x0[j] - x1[i]
-        if gap <= JOIN_GAP * band or not _is_gutter(coverage, x1[i], x0[j], body):
+        wide = gap > JOIN_GAP * band
+        if gap <= MIN_GUTTER_GAP * band or not _is_gutter(coverage, x1[i], x0[j], body, gaps, block, wide):
             union.join(i, j)
 
     roots = np.array([union.find(i) for i in range(n)])
@@ -146,7 +157,8 @@ def _body_coverage(coverage: np.ndarray) -> float:
     return float(np.percentile(covered, 75)) if len(covered) else 0.0
 
 
-def _is_gutter(coverage: np.ndarray, left_end: float, right_start: float, body: float) -> bool:
+def _is_gutter(coverage: np.ndarray, left_end: float, right_start: float, body: float,
+               gaps: list[tuple[float, float, float]], block_height: float, wide: bool) -> bool:
     if body < MIN_BODY_LINES:
         return False
     gap = right_start - left_end
@@ -155,4 +167,13 @@ def _is_gutter(coverage: np.ndarray, left_end: float, right_start: float, body: 
     if b <= a:
         return False
     crossing = float(coverage[max(a, 0):max(b, a + 1)].min())
-    return crossing <= GUTTER_SHARE * body
+    if wide and crossing <= GUTTER_SHARE * body:
+        return True
+    # Lines split at the same place from the top of the text to its bottom: a column gutter
+    # that the model bridged on some rows (its bridges cross it) still splits at least as many
+    # rows as cross it, all the way down. A string hole or an inset splits a few neighbouring
+    # rows only.
+    middle = (left_end + right_start) / 2
+    rows = [y for lo, hi, y in gaps if lo < middle < hi]
+    return (len(rows) >= MIN_SPLIT_ROWS and len(rows) >= crossing
+            and max(rows) - min(rows) >= GUTTER_SPAN * block_height)
