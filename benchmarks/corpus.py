@@ -1,9 +1,9 @@
 """A reproducible corpus shaped like the archive, for benchmarks.
 
-About 70 % JPEG (RGB and grayscale, a few hundred kB, long side up to ~2,500 px, mostly
-wide pecha pages) and 30 % Group 4 bilevel TIFF (tens of kB). One page in ten is bent
-and one in ten skewed by 4–5° (photographed folios), so the second pass and the dewarp
-cost what they cost on the archive. Generating a page costs
+About 70 % JPEG (RGB and grayscale, a few hundred kB, long side up to ~4,000 px, mostly
+wide pecha pages, the rest book pages) and 30 % Group 4 bilevel TIFF (tens of kB). One
+page in ten is bent and one in ten skewed by 4–5° (photographed folios), so the second
+pass and the dewarp cost what they cost on the archive. Generating a page costs
 tens of milliseconds, so a pool of distinct pages (seeded) is rendered once, cached on
 disk, and volumes draw from it: decode and inference costs are those of real distinct
 pages, while a 5,000-page corpus is ready in seconds.
@@ -23,7 +23,9 @@ from bec.archive import MANIFEST, volume_prefix
 
 KIND_WEIGHTS = {"jpeg_rgb": 0.35, "jpeg_gray": 0.35, "tiff_g4": 0.30}
 GEOMETRY_WEIGHTS = {"straight": 0.8, "bent": 0.1, "skewed": 0.1}
-POOL_VERSION = 2  # part of the cache's name: a pool drawn by older code is not reused
+#: Part of the cache's name: a pool drawn by older code is not reused (3: the font-rendered
+#: generator, with bent and skewed pages).
+POOL_VERSION = 3
 JPEG_QUALITY = 93  # the archive's JPEGs are large (~300–800 kB)
 
 
@@ -61,16 +63,14 @@ class Corpus:
 
 
 def _render(kind: str, geometry: str, rng: np.random.Generator) -> Page:
-    from bec.ldv1.pagewarp import apply_geometry, labels_from_mask
+    from bec.ldv1.pagewarp import geometry_args
     from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
 
-    synth = generate_page(rng, "bilevel" if kind == "tiff_g4" else "gray")
-    image, _, _ = apply_geometry(synth.image, labels_from_mask(synth.line_mask), geometry, rng)
-    if kind == "tiff_g4":
-        image = np.where(image < 128, 0, 255).astype(np.uint8)
-    data = (encode_tiff_g4(image) if kind == "tiff_g4"
-            else encode_jpeg(image, rgb=kind == "jpeg_rgb", quality=JPEG_QUALITY))
-    h, w = image.shape
+    capture = {"jpeg_rgb": "photo", "jpeg_gray": "scan", "tiff_g4": "bilevel"}[kind]
+    synth = generate_page(rng, capture=capture, **geometry_args(geometry, rng))
+    data = (encode_tiff_g4(synth.image, synth.dpi) if kind == "tiff_g4"
+            else encode_jpeg(synth.image, rgb=kind == "jpeg_rgb", quality=JPEG_QUALITY))
+    h, w = synth.image.shape
     return Page(kind, data, w, h, synth.n_lines, geometry)
 
 

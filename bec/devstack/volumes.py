@@ -1,10 +1,11 @@
 """Generated volumes in the archive's layout (DESIGN §2), for tests, the demo and benchmarks.
 
-Each volume gets pecha-like pages from ``bec.ldv1.synth`` rendered the way the archive
-stores them — RGB or grayscale JPEG, Group 4 bilevel TIFF — and a gzip'd
-``dimensions.json``. The page's true line count is returned so callers can check results.
-Pages can be bent or skewed by a known amount (``geometries``), so volumes exercise the
-second pass and the dewarp.
+Each volume gets archive-like pages from ``bec.ldv1.synth`` (pechas, woodblocks,
+manuscripts, book pages, tables of contents in real Tibetan script) stored the way the
+archive stores them — RGB JPEG of a photograph, grayscale JPEG of a scan, Group 4
+bilevel TIFF — and a gzip'd ``dimensions.json``. The page's true line count is returned
+so callers can check results. Pages can be bent or skewed by a known amount
+(``geometries``), so volumes exercise the second pass and the dewarp.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import numpy as np
 from bec.archive import MANIFEST, volume_prefix
 
 KINDS = ("jpeg_rgb", "jpeg_gray", "tiff_g4")
+#: How each stored format was captured.
+CAPTURE_OF = {"jpeg_rgb": "photo", "jpeg_gray": "scan", "tiff_g4": "bilevel"}
 
 
 @dataclass(frozen=True)
@@ -32,17 +35,13 @@ class MadePage:
 
 def render(kind: str, rng: np.random.Generator, width: int | None = None,
            height: int | None = None, geometry: str = "straight") -> tuple[bytes, Any]:
-    from bec.ldv1.pagewarp import apply_geometry, labels_from_mask
+    from bec.ldv1.pagewarp import geometry_args
     from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
 
-    page = generate_page(rng, "bilevel" if kind == "tiff_g4" else "gray", width, height)
-    if geometry != "straight":
-        image, _, _ = apply_geometry(page.image, labels_from_mask(page.line_mask), geometry, rng)
-        if kind == "tiff_g4":
-            image = np.where(image < 128, 0, 255).astype(np.uint8)
-        page.image = image
+    page = generate_page(rng, capture=CAPTURE_OF[kind], width=width, height=height,
+                         **geometry_args(geometry, rng))
     if kind == "tiff_g4":
-        return encode_tiff_g4(page.image), page
+        return encode_tiff_g4(page.image, page.dpi), page
     return encode_jpeg(page.image, rgb=(kind == "jpeg_rgb")), page
 
 

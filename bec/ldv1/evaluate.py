@@ -9,9 +9,12 @@ stitch → sigmoid > 0.85 → :func:`~bec.ldv1.postprocess.find_lines`; a page w
 is 3° or more is rotated and run again, as the pipeline does.
 
 Pages come from :func:`bec.ldv1.synth.page_for_seed` with seeds ≥
-``EVAL_SEED_START`` (training never uses those), even seeds gray, odd seeds bilevel.
-Gray pages take a JPEG round trip first (alternately RGB-tinted and plain gray), like
-the archives the tests build; bilevel pages would be G4 TIFFs, which are lossless.
+``EVAL_SEED_START`` (training never uses those), every kind and capture drawn from the
+seed. Gray pages take a JPEG round trip first (alternately RGB-tinted and plain gray),
+like the archives the tests build; bilevel pages would be G4 TIFFs, which are lossless.
+
+Lines are counted by :func:`count_lines` alone, here and on real pages
+(:mod:`bec.ldv1.evaluate_real`), so both scores always mean the same thing.
 """
 from __future__ import annotations
 
@@ -33,10 +36,16 @@ from bec.ldv1.preprocess import TILE, adaptive_threshold, frame_size, stitch, ti
 from bec.ldv1.synth import EVAL_SEED_START, encode_jpeg, page_for_seed
 
 __all__ = ["DEFAULT_WEIGHTS", "LINE_THRESHOLD", "to_frame", "predict_mask", "detect_lines",
-           "archive_round_trip", "evaluate", "PageResult"]
+           "archive_round_trip", "evaluate", "PageResult", "count_lines"]
 
 DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "small.pth"
 LINE_THRESHOLD = 0.85
+
+
+def count_lines(page_lines: PageLines) -> int:
+    """The number of text lines found on a page: what every score here compares with the
+    truth. Today the number of line contours (``nb_contours``)."""
+    return page_lines.count
 
 
 def to_frame(gray: np.ndarray) -> np.ndarray:
@@ -90,6 +99,7 @@ def archive_round_trip(image: np.ndarray, seed: int, bilevel: bool) -> np.ndarra
 class PageResult:
     seed: int
     style: str
+    kind: str
     expected: int
     found: int
     angle: float
@@ -115,23 +125,25 @@ def evaluate(model: nn.Module, seeds: range, verbose: bool = False) -> list[Page
         t0, c0 = time.perf_counter(), time.process_time()
         lines = detect_lines(model, gray)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        res = PageResult(seed, page.style, page.n_lines, lines.count, page.angle, wall, cpu)
+        res = PageResult(seed, page.style, page.kind, page.n_lines, count_lines(lines), page.angle,
+                         wall, cpu)
         results.append(res)
         if verbose:
             flag = "ok " if res.exact else "BAD"
-            print(f"  {flag} seed={seed} {page.style:7s} {gray.shape[1]}x{gray.shape[0]} "
+            print(f"  {flag} seed={seed} {page.kind:10s} {page.capture:7s} {gray.shape[1]}x{gray.shape[0]} "
                   f"angle={page.angle:+.1f} lines {res.found}/{res.expected} "
                   f"{wall * 1000:.0f} ms", flush=True)
     return results
 
 
 def summarise(results: list[PageResult]) -> dict[str, float]:
-    """Exact-count rate overall and by style, and mean CPU seconds per page."""
+    """Exact-count rate overall, by style and by kind, and mean CPU seconds per page."""
     out: dict[str, float] = {"pages": float(len(results))}
-    for style in ("all", "gray", "bilevel"):
-        sel = [r for r in results if style == "all" or r.style == style]
+    groups = ["all", "gray", "bilevel", *sorted({r.kind for r in results})]
+    for group in groups:
+        sel = [r for r in results if group in ("all", r.style, r.kind)]
         if sel:
-            out[f"exact_{style}"] = sum(r.exact for r in sel) / len(sel)
+            out[f"exact_{group}"] = sum(r.exact for r in sel) / len(sel)
     if results:
         out["s_per_page"] = float(np.mean([r.seconds for r in results]))
         out["cpu_s_per_page"] = float(np.mean([r.cpu_seconds for r in results]))

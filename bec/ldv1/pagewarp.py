@@ -84,3 +84,16 @@ def apply_geometry(image: np.ndarray, labels: np.ndarray, geometry: str,
         angle = float(rng.choice([-1.0, 1.0]) * rng.uniform(4.0, 5.0))
         return (*skew_page(image, labels, angle), angle)
     raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+
+
+def geometry_args(geometry: str, rng: np.random.Generator) -> dict[str, float]:
+    """The generator's arguments for a page of ``geometry``: as drawn (straight), bent by
+    30–45 pixels up or down, or skewed by 4–5° either way."""
+    if geometry == "straight":
+        return {}
+    sign = float(rng.choice([-1.0, 1.0]))
+    if geometry == "bent":
+        return {"bend": sign * float(rng.uniform(30.0, 45.0))}
+    if geometry == "skewed":
+        return {"skew": sign * float(rng.uniform(4.0, 5.0))}
+    raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
