@@ -28,7 +28,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from bec import artifacts, aws, metrics, tasks
+from bec import artifacts, aws, jobkinds, metrics, tasks
 from bec.archive import Manifest, read_manifest
 from bec.db import Database
 from bec.errors import BecError, PoisonMessage, RetryableError, TerminalError, Unavailable
@@ -103,6 +103,7 @@ class Admission:
     task_id: int = 0
     attempt: int = 0
     claimed_at: float = 0.0
+    inputs: Any = None           # what the job kind read for the volume's pages (ocr: ldv1's lines)
     database_down: bool = False  # the retry was caused by PostgreSQL being unreachable
 
     @property
@@ -173,6 +174,9 @@ def admit(svc: Services, message: Received) -> Admission:
         adm.task_id, adm.attempt = claim.task_id, claim.attempt
         if claim.attempt == 1:  # a first claim: was the manifest missing before?
             tasks.forget_missing_manifest(svc.db, svc.job_id, adm.volume_id)
+        kind = jobkinds.kind_of(svc.job_name)
+        if kind is not None:  # a RetryableError (e.g. "run ldv1 first") retries it, recorded
+            adm.inputs = kind.volume_inputs(svc, adm)
         adm.claimed_at = time.time()
         adm.verdict = Verdict.ADMITTED
         return adm
@@ -223,6 +227,8 @@ def error_summary(pages: list[artifacts.PageOutcome]) -> str:
 def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) -> Verdict:
     """Write the artifacts and record success, or route the volume to a retry."""
     assert adm.manifest is not None
+    kind = jobkinds.kind_of(svc.job_name)
+    assert kind is not None, svc.job_name
     version = adm.manifest.version
     duration_ms = (time.time() - adm.claimed_at) * 1000
     errors = sum(not p.ok for p in pages)
@@ -240,7 +246,7 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
         "total_duration_ms": round(duration_ms, 3),
         "avg_duration_per_page_ms": round(duration_ms / len(pages), 3) if pages else 0.0,
         "stage_ms": {name: round(sum(p.timings[i] for p in pages), 3)
-                     for i, name in enumerate(("fetch", "decode", "infer", "post"))},
+                     for i, name in enumerate(kind.stage_names)},
         "worker": {"id": svc.worker_id, "name": svc.worker_name},
         "task_id": adm.task_id, "attempt": adm.attempt,
         "job_config": svc.config, "model": svc.model,
@@ -248,7 +254,7 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
     }
     write_started = time.perf_counter()
     try:                                                                                 # 6
-        table = artifacts.parquet_bytes(pages, {"bec.model.sha256": svc.model.get("sha256", "")})
+        table = kind.parquet_bytes(pages, {"bec.model.sha256": svc.model.get("sha256", "")})
         svc.s3.put_object(Bucket=svc.dest_bucket,
                           Key=artifacts.parquet_key(svc.job_name, adm.w_id, adm.i_id, version), Body=table)
         success = artifacts.success_bytes(marker)

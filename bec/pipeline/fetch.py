@@ -10,32 +10,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import botocore.exceptions
 
-from bec import aws, imaging
+from bec import aws, imaging, jobkinds
 from bec.errors import PageError
 from bec.localarchive import source_client
-from bec.ldv1.preprocess import adaptive_threshold_into, frame_size
+from bec.ldv1.preprocess import adaptive_threshold_into
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import Fetch, FrameReady
-
-
-def frame_for(config: dict[str, Any], area_bytes: int):
-    """The frame rule of DESIGN §7, bounded by what one slot can hold."""
-    tile = config["tile_size"]
-    max_w, max_h = config["max_frame_width"], config["max_frame_height"]
-
-    def rule(width: int, height: int) -> tuple[int, int]:
-        fw, fh = frame_size(width, height, tile, max_w, max_h)
-        if fw * fh > area_bytes:  # an extreme strip: shrink until it fits a slot
-            scale = (area_bytes / (fw * fh)) ** 0.5
-            fw, fh = max(1, int(fw * scale)), max(1, int(fh * scale))
-        return fw, fh
-
-    return rule
 
 
 class Fetcher:
@@ -43,7 +27,10 @@ class Fetcher:
         self.ctx = ctx
         p = ctx.pipeline
         self.s3 = source_client(p.source_bucket, p.region, pool=p.fetch_threads + 2)
-        self.rule = frame_for(p.config, ctx.slots.layout.area_bytes)
+        # The frame a page is decoded to is the job kind's (ldv1: the model's frame rule; ocr:
+        # the original's size, only what a slot cannot hold is scaled down).
+        self.rule = jobkinds.kind_of(p.job_name).frame_rule(  # type: ignore[union-attr]
+            p.config, ctx.slots.layout.area_bytes)
         self.max_pixels = int(p.config["max_image_pixels"])
         self.threshold_here = p.threshold_in_fetch
         self.index = int(ctx.spec.role.rsplit("-", 1)[1])
