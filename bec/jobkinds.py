@@ -95,6 +95,16 @@ class JobKind:
         return None
 
 
+def module_missing(module: str) -> bool:
+    """Whether ``module`` cannot be imported here (found without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # e.g. a module set to None in sys.modules
+        return True
+
+
 def kind_name(job_name: str) -> str | None:
     """The kind of a job name, or None when no worker implements it."""
     matches = [k for k in KINDS if job_name.startswith(k)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from bec.errors import BadInput
-from bec.jobkinds import JobKind, WorkerPlan
+from bec.jobkinds import JobKind, WorkerPlan, module_missing
 
 
 def frame_for(config: Mapping[str, Any], area_bytes: int) -> Callable[[int, int], tuple[int, int]]:
@@ -31,15 +31,6 @@ def frame_for(config: Mapping[str, Any], area_bytes: int) -> Callable[[int, int]
     return rule
 
 
-def _absent(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is None
-    except (ImportError, ValueError):  # e.g. a module set to None in sys.modules
-        return True
-
-
 class Ldv1Kind(JobKind):
     name = "ldv1"
     stage_modules = {"fetch": "bec.pipeline.fetch", "infer": "bec.pipeline.inference",
@@ -57,7 +48,7 @@ class Ldv1Kind(JobKind):
         missing = [name for module, name in (("torch", "torch"), ("cv2", "opencv-python-headless"),
                                              ("numpy", "numpy"), ("PIL", "Pillow"),
                                              ("tps", "thin-plate-spline"), ("scipy", "scipy"))
-                   if _absent(module)]
+                   if module_missing(module)]
         if missing:
             raise BadInput(f"bec worker needs the ldv1 extras, and {', '.join(missing)} "
                            f"{'is' if len(missing) == 1 else 'are'} not installed: "
