@@ -22,11 +22,13 @@ from workerkit import (enqueue, queue_counts, read_parquet, read_success, run_wo
                        tasks)
 
 OCR = "ocr"
-#: Page-level Tesseract on generated, clean book pages read at 8–10 % CER when measured (its
-#: Tibetan model has a dictionary, and generated syllables are drawn, not written); the bound
-#: leaves room for other seeds and hosts while a broken reading (wrong order, lost lines,
-#: mangled Unicode) lands far above it.
-PAGE_CER_BOUND = 0.25
+#: Page-level Tesseract on this test's two generated book pages measured 26.8 % CER (23 % before
+#: Tesseract was left to estimate the resolution): generated text is drawn syllable by syllable,
+#: not written, and half the fonts are ones Tesseract's Tibetan model reads poorly (Monlam's
+#: OuChan). Real printed book pages read at 0.7 % and 4.5 % (``python -m bec.ocr.quality``). The
+#: bound holds the plumbing: a page read in the wrong order, with lines lost, the wrong page's
+#: text or mangled Unicode lands far above it (another page's text scores ~100 %).
+PAGE_CER_BOUND = 0.4
 
 
 def create_ocr(stack, config: dict, job: str = OCR) -> dict[str, str]:
@@ -84,6 +86,8 @@ def test_page_level_ocr_of_a_volume_with_known_text(stack):
         assert r["ocr_ms"] > 0 and r["fetch_ms"] > 0 and r["cut_ms"] == 0
     cer = volume_cer(rows, made)
     assert cer < PAGE_CER_BOUND, f"CER {cer:.3f}: {[r['text'][:80] for r in rows]}"
+    swapped = volume_cer(rows, made[::-1])  # each page's text scored against the other page
+    assert swapped > 0.6 and swapped > 2 * cer, (cer, swapped)
     marker = read_success(stack, *vol, row["s3_etag"], job=OCR)
     data = "/usr/share/tesseract-ocr/5/tessdata/bod.traineddata"
     assert marker["model"]["name"] == "bod.traineddata"
@@ -122,10 +126,9 @@ def test_lines_from_ldv1_wait_for_ldv1_then_read_its_lines(stack):
     stack.sqs.purge_queue(QueueUrl=q["queue"])  # the retry's back-off is long: send it again now
     enqueue(stack, q["queue"], [vol])
     run = run_worker(stack, job=OCR, timeout=300)
-    rows = {r["i_id"] + r["status"]: r for r in tasks(stack)}
-    ocr_row = next(r for r in tasks(stack) if r["job_id"] == stack.db.row(
-        "SELECT id FROM jobs WHERE name = 'ocr'")["id"])
-    assert ocr_row["status"] == "done" and ocr_row["attempt"] == 2, (rows, run.output)
+    ocr_id = stack.db.row("SELECT id FROM jobs WHERE name = 'ocr'")["id"]
+    ocr_row, = [r for r in tasks(stack) if r["job_id"] == ocr_id]
+    assert ocr_row["status"] == "done" and ocr_row["attempt"] == 2, run.output
     ldv1_rows = read_parquet(stack, *vol, ocr_row["s3_etag"])
     ocr_rows = read_parquet(stack, *vol, ocr_row["s3_etag"], job=OCR)
     for detected, read in zip(ldv1_rows, ocr_rows):
@@ -133,7 +136,7 @@ def test_lines_from_ldv1_wait_for_ldv1_then_read_its_lines(stack):
         assert read["nb_lines"] > 0 and read["cut_ms"] > 0
         assert {line["line_index"] for line in read["lines"]} <= set(detected["line_index"])
     cer = volume_cer(ocr_rows, made)
-    assert cer < 0.5, f"CER {cer:.3f}"  # the shipped (old) line model finds lines roughly
+    assert cer < 0.5, f"CER {cer:.3f}"  # measured 38.9 %: the shipped (old) line model finds lines roughly
 
 
 def test_bad_ocr_config_is_refused_and_creates_nothing(stack):

@@ -29,7 +29,7 @@ class OcrConfig:
     line_margin: float = 0.3             # margin round a line's polygon, × its height (vowel signs, stacks)
     min_confidence: float = 0.0          # lines below this (0–100) are left out of text and lines
     tessdata: str = ""                   # folder of <lang>.traineddata; "": TESSDATA_PREFIX, then Debian's
-    dpi: int = 300                       # the resolution Tesseract is told (images carry none it reads)
+    dpi: int = 0                         # the resolution Tesseract is told; 0: it estimates it from the text
     max_error_ratio: float = 0.1         # share of failed pages above which a volume is retried
     max_image_pixels: int = 120_000_000  # larger images are refused (decompression bombs)
     max_frame_pixels: int = 4096 * 4096  # larger pages are scaled down to fit a slot
@@ -73,9 +73,11 @@ class OcrConfig:
             raise ConfigError("ocr config key 'line_margin' must be between 0 and 5 (line heights)")
         if not 0.0 <= self.max_error_ratio <= 1.0:
             raise ConfigError("ocr config key 'max_error_ratio' must be between 0 and 1")
-        for key in ("dpi", "max_image_pixels", "max_frame_pixels"):
+        for key in ("max_image_pixels", "max_frame_pixels"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"ocr config key {key!r} must be positive")
+        if not 0 <= self.dpi <= 2400:
+            raise ConfigError("ocr config key 'dpi' must be 0 (estimated) or a resolution up to 2400")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
