@@ -1,8 +1,9 @@
 """Lines cut out of the corrected page, one image per text line, for single-line OCR.
 
 ldv1's contours lie on the *corrected page* (the original rotated, then dewarped: issue 9),
-so the page is rebuilt exactly as the archive's readers rebuild it
-(:func:`bec.ldv1.correction.corrected_page`). Contours sharing a ``line_index`` are one text
+so the page is rebuilt as the archive's readers rebuild it
+(:func:`bec.ldv1.correction.corrected_page`), computed the fast way the worker's second pass
+does (:func:`bec.ldv1.correction.correct_frame`; a test holds the two the same). Contours sharing a ``line_index`` are one text
 line (split at a shad, a space, a string hole). Each line's image is its contours' box with a
 margin, and every pixel farther than the margin from its polygons is painted paper white:
 a neighbour line's descenders or a margin title then cannot leak into the line read.

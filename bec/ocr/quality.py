@@ -184,12 +184,11 @@ class Readers:
         return "\n".join(line.text for line in self.engine.read_page(sample.gray))
 
     def ldv1(self, sample: Sample) -> str:
-        from bec.ldv1.correction import corrected_page
+        from bec.ldv1.correction import correct_frame
         from bec.ldv1.evaluate import detect_lines
 
         lines = detect_lines(self.model, sample.gray)
-        c = lines.correction
-        page = corrected_page(sample.gray, c.rotation_angle, c.tps_points, c.tps_alpha)
+        page = correct_frame(sample.gray, lines.correction, (sample.gray.shape[1], sample.gray.shape[0]))
         return self._read_cut(page, lines.contours, lines.line_index)
 
     def _read_cut(self, page: Any, contours: list[Any], line_index: Any) -> str:
