@@ -22,8 +22,7 @@ from workerkit import (enqueue, queue_counts, read_parquet, read_success, run_wo
                        tasks)
 
 OCR = "ocr"
-#: Page-level Tesseract on this test's two generated book pages measured 26.8 % CER (23 % before
-#: Tesseract was left to estimate the resolution): generated text is drawn syllable by syllable,
+#: Page-level Tesseract (psm 4) on this test's two generated book pages measured 26.4 % CER: generated text is drawn syllable by syllable,
 #: not written, and half the fonts are ones Tesseract's Tibetan model reads poorly (Monlam's
 #: OuChan). Real printed book pages read at 0.7 % and 4.5 % (``python -m bec.ocr.quality``). The
 #: bound holds the plumbing: a page read in the wrong order, with lines lost, the wrong page's

@@ -1,7 +1,7 @@
 """Score OCR against transcripts: the character error rate, page-level beside line-level.
 
 ``python -m bec.ocr.quality [--real FOLDER] [--generated N] [--start SEED] [--kinds K,…]
-[--weights PATH] [--json OUT]``
+[--weights PATH] [--modes page,ldv1] [--config JSON] [--json OUT]``
 
 Each page is read two ways, by the very code the worker runs:
 
@@ -160,13 +160,11 @@ def generated_samples(count: int, start: int, kinds: list[str]) -> list[Sample]:
 class Readers:
     """The worker's ways of reading a page, in one process."""
 
-    def __init__(self, weights: Path | None, margin: float) -> None:
-        from bec.ocr.config import OcrConfig
+    def __init__(self, weights: Path | None, cfg: Any) -> None:
         from bec.ocr.tesseract import Engine, find_language_data
 
-        cfg = OcrConfig()
-        self.margin = margin
-        self.engine = Engine(find_language_data(cfg.lang), cfg.lang, cfg.psm, cfg.line_psm, cfg.dpi)
+        self.margin = cfg.line_margin
+        self.engine = Engine(find_language_data(cfg.lang, cfg.tessdata), cfg.lang, cfg.psm, cfg.line_psm, cfg.dpi)
         self.model = None
         if weights is not None:
             import torch
@@ -242,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS), help="kinds of generated page, in turn")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="ldv1 line model for 'ldv1'")
     parser.add_argument("--modes", default=",".join(MODES), help="page, ldv1")
-    parser.add_argument("--margin", type=float, default=None, help="line margin (× line height)")
+    parser.add_argument("--config", default="{}", help="ocr job config to score (JSON): psm, line_psm, "
+                        "line_margin, lang, dpi…")
     parser.add_argument("--json", type=Path, help="write every page's scores and texts here")
     args = parser.parse_args(argv)
     try:
@@ -254,12 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput(f"--kinds takes {', '.join(KINDS)}, got {args.kinds!r}")
         if not args.real and args.generated <= 0:
             raise BadInput("give --real FOLDER and/or --generated N")
-        from bec.ocr.config import OcrConfig
         from bec.errors import BecError
+        from bec.jobs import parse_config_text
+        from bec.ocr.config import OcrConfig
 
         try:
-            readers = Readers(args.weights if "ldv1" in modes else None,
-                              OcrConfig().line_margin if args.margin is None else args.margin)
+            cfg = OcrConfig.from_mapping(parse_config_text(args.config, "--config"))
+            readers = Readers(args.weights if "ldv1" in modes else None, cfg)
         except BecError as exc:
             raise BadInput(str(exc)) from None
         samples = real_samples(args.real) if args.real else []
