@@ -85,6 +85,10 @@ class JobKind:
         """The volume's Parquet: one row per page (failed ones are ``artifacts.PageOutcome``)."""
         raise NotImplementedError
 
+    def summary(self, pages: list[Any]) -> dict[str, Any]:
+        """The kind's own totals for the volume's ``success.json`` (beside the common ones)."""
+        return {}
+
     def volume_inputs(self, svc: Any, adm: Any) -> Any:
         """What the volume's pages need besides their images, read once when it is claimed
         (None: nothing). ``RetryableError`` retries the volume later with its reason."""

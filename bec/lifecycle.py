@@ -251,6 +251,7 @@ def finish(svc: Services, adm: Admission, pages: list[artifacts.PageOutcome]) ->
         "task_id": adm.task_id, "attempt": adm.attempt,
         "job_config": svc.config, "model": svc.model,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **kind.summary(pages),
     }
     write_started = time.perf_counter()
     try:                                                                                 # 6

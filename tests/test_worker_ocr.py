@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from bec.ocr.score import errors  # noqa: E402
 from clihelp import fails, ok  # noqa: E402
 from conftest import DEST_BUCKET, SOURCE_BUCKET  # noqa: E402
 from workerkit import (enqueue, queue_counts, read_parquet, read_success, run_worker, setup_job,  # noqa: E402
-                       tasks)
+                       start_worker, tasks)
 
 OCR = "ocr"
 #: Page-level Tesseract (psm 4) on this test's two generated book pages measured 26.4 % CER: generated text is drawn syllable by syllable,
@@ -62,10 +63,21 @@ def test_page_level_ocr_of_a_volume_with_known_text(stack):
     true text is under the bound, and success.json names the engine and its language data."""
     import hashlib
 
+    from bec.devstack.moto import free_port
+    from test_worker_metrics import scrape, value
+
     q = create_ocr(stack, {"model": "tesseract", "lang": "bod"})
     vol, made = book_volume(stack)
     enqueue(stack, q["queue"], [vol])
-    run = run_worker(stack, "--infer-procs", "2", job=OCR, env={"OMP_THREAD_LIMIT": "1"}, timeout=300)
+    port = free_port()
+    run = start_worker(stack, "--infer-procs", "2", "--metrics-port", str(port), "--metrics-addr", "127.0.0.1",
+                       "--shutdown-after-empty", "0", job=OCR, env={"OMP_THREAD_LIMIT": "1"})
+    try:
+        run.wait_for("Successfully processed", timeout=240)
+        samples = scrape(port)
+    finally:
+        run.signal(signal.SIGTERM)
+        assert run.wait(60) == 0, run.output
     assert "OCR engine: tesseract 5." in run.output and "bod.traineddata" in run.output, run.output
     assert "2 ocr (cpu × 1 threads), 0 post" in run.output, run.output
     assert "Traceback" not in run.output, run.output
@@ -96,6 +108,17 @@ def test_page_level_ocr_of_a_volume_with_known_text(stack):
             assert marker["model"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
     assert set(marker["stage_ms"]) == {"fetch", "decode", "ocr", "cut"}
     assert marker["job_config"]["lines_from"] is None
+    assert marker["nb_lines"] == sum(r["nb_lines"] for r in rows)
+    # what the dashboard's OCR row reads (test_grafana's worker runs ldv1)
+    lines = sum(r["nb_lines"] for r in rows)
+    assert value(samples, "bec_ocr_lines_total", source="page") == lines
+    assert value(samples, "bec_ocr_lines_total", source="ldv1") == 0
+    assert value(samples, "bec_ocr_characters_total") > 20 * lines
+    assert value(samples, "bec_ocr_page_confidence_count") == 2
+    assert value(samples, "bec_ocr_page_confidence_sum") == pytest.approx(
+        sum(r["mean_confidence"] for r in rows), rel=1e-4)
+    assert value(samples, "bec_stage_seconds_count", stage="ocr") == 2
+    assert value(samples, "bec_pages_total", outcome="ok") == 2
 
 
 @pytest.mark.slow

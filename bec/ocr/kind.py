@@ -82,6 +82,14 @@ class OcrKind(JobKind):
 
         return parquet_bytes(pages, metadata)
 
+    def summary(self, pages: list[Any]) -> dict[str, Any]:
+        """Lines read and their confidence over the volume, for success.json."""
+        from bec.ocr.tesseract import mean_confidence
+
+        lines = [line for p in pages for line in (getattr(p, "text_lines", None) or [])]
+        confidence = mean_confidence([(t[0], t[1]) for t in lines])
+        return {"nb_lines": len(lines), "mean_confidence": round(confidence, 2) if lines else None}
+
     def volume_inputs(self, svc: Any, adm: Any) -> Any:
         job = svc.config.get("lines_from")
         if not job:
