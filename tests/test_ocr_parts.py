@@ -148,3 +148,19 @@ def test_transcripts_and_the_character_error_rate(tmp_path):
     assert read_transcript(mura) == "ཀ་ཁ།\nག་ང་།"                 # EWTS; ང keeps its tsheg
     with pytest.raises(BadInput, match="transcripts"):
         real_samples(tmp_path)
+
+
+def test_generated_pages_carry_each_lines_text():
+    """OCR ground truth: one text per labelled line, in line order, made of the Tibetan the page
+    was drawn with (book headers and tables of contents carry their page numbers too)."""
+    from bec.jobkinds import kind_name
+
+    for kind in ("pecha", "book", "toc"):
+        page = page_for_seed(1_000_100, kind, "scan")
+        assert len(page.line_texts) == page.n_lines
+        assert all(text.strip() for text in page.line_texts), page.line_texts
+        tibetan = sum(1 for text in page.line_texts for ch in text if "\u0f00" <= ch <= "\u0fff")
+        assert tibetan > 0.8 * sum(len("".join(t.split())) for t in page.line_texts)
+        assert page_for_seed(1_000_100, kind, "scan").line_texts == page.line_texts
+    assert (kind_name("ocr"), kind_name("ocr-lines"), kind_name("ldv1_fast"), kind_name("other")) == \
+        ("ocr", "ocr", "ldv1", None)

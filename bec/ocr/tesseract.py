@@ -2,9 +2,11 @@
 
 tesserocr's wheel bundles libtesseract, so a page costs a C call, not a process. The language
 data is Debian's (``tesseract-ocr-bod``: ``/usr/share/tesseract-ocr/5/tessdata/bod.traineddata``).
-Each OCR process holds one engine and runs single-threaded: with ``OMP_THREAD_LIMIT`` unset, a
-libtesseract built with OpenMP starts a thread team per call, and one process per core with
-teams of their own fight over the cores instead of using them.
+Each OCR process holds one engine and runs single-threaded: a libtesseract built with OpenMP
+(Debian's is) starts a thread team per call unless ``OMP_THREAD_LIMIT=1``, and one process per
+core with teams of their own fight over the cores instead of using them. The libtesseract 5.5.4
+in tesserocr 2.13's wheel links no OpenMP runtime (checked: no libgomp), so there one engine is
+one thread anyway; the variable is set for builds that have it.
 
 What a worker refuses to start without is decided here (:func:`find_language_data`,
 :func:`require_tesserocr`), in one line naming what to install.

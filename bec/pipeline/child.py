@@ -38,7 +38,7 @@ class PipelineSpec:
     job_name: str
     job_id: int
     worker_id: int
-    config: dict[str, Any]               # the validated job config (ldv1 keys)
+    config: dict[str, Any]               # the validated job config (its kind's keys, defaults filled)
     model_path: str
     model_identity: dict[str, str]
     region: str
@@ -74,7 +74,7 @@ class PipelineSpec:
 @dataclass
 class ChildSpec:
     role: str           # "fetch-0", "infer-0", "post-0", "controller"
-    module: str         # bec.pipeline.fetch …: its ``run(ctx)`` is the process body
+    module: str         # bec.pipeline.fetch, the job kind's stage modules …: ``run(ctx)`` is the body
     pipeline: PipelineSpec
     parent_pid: int
 
