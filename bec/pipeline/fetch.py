@@ -73,7 +73,7 @@ class Fetcher:
         row["fetch_ms"], row["decode_ms"] = (t1 - t0) * 1000, (t2 - t1) * 1000
         row["nbytes"] = len(data)
         row["etag"] = etag.encode()[:S.ETAG_BYTES]
-        role = f"infer-{msg.slot % self.ctx.pipeline.n_infer}"
+        role = self.ctx.least_busy_infer(msg.slot)
         self.ctx.hand_over(slot, msg.gen, S.INFER, role, FrameReady(slot, msg.gen))
 
     def _get(self, bucket: str, key: str) -> tuple[bytes, str]:
