@@ -145,6 +145,7 @@ def test_lines_from_ldv1_wait_for_ldv1_then_read_its_lines(stack):
     assert listed == 0
     assert queue_counts(stack, q["dlq"]) == (0, 0)
     assert sum(queue_counts(stack, q["queue"])) == 1  # waiting out its back-off
+    assert "run ldv1 first" in ok("jobs", "errors", "ocr")  # what an operator looks at
 
     enqueue(stack, ldv1["queue"], [vol])
     run_worker(stack, model=str(shipped_model()), timeout=300)
@@ -166,6 +167,9 @@ def test_lines_from_ldv1_wait_for_ldv1_then_read_its_lines(stack):
     changed = ocr_rows[2]
     assert not changed["ok"] and (changed["error_stage"], changed["error_type"]) == ("lines", "image_changed")
     assert "run ldv1 again" in changed["error_message"] and changed["text"] is None
+    said = ok("jobs", "errors", "ocr")
+    assert "image_changed" in said  # page errors by type, from the done volume's success.json
+    assert "Total Tasks: 1" in ok("jobs", "stats", "ocr")
     cer = volume_cer(ocr_rows[:2], made[:2])
     assert cer < 0.5, f"CER {cer:.3f}"  # measured 38.9 %: the shipped (old) line model finds lines roughly
 
