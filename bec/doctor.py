@@ -1,8 +1,8 @@
 """`python -m bec.doctor`: report which optional native pieces this host has.
 
 Operators run it when a worker is slower than expected or refuses TIFF pages: it says
-whether JPEG goes through libturbojpeg, whether Pillow can read Group 4 TIFF, and which
-accelerator torch sees.
+whether JPEG goes through libturbojpeg, whether Pillow can read Group 4 TIFF, which
+accelerator torch sees, and whether ocr jobs have Tesseract and its Tibetan data.
 """
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def report() -> dict[str, str]:
         found["opencv"] = cv2.__version__
     except ImportError:
         found["opencv"] = "missing"
+    try:
+        import tesserocr
+
+        from bec.errors import BadInput
+        from bec.ocr.tesseract import find_language_data
+
+        version = tesserocr.tesseract_version().splitlines()[0]
+        try:
+            found["tesseract"] = f"{version}, bod.traineddata in {find_language_data('bod')}"
+        except BadInput as exc:
+            found["tesseract"] = f"{version}; {exc}"
+    except ImportError:
+        found["tesseract"] = "missing (pip install -e '.[ocr]')"
     return found
 
 

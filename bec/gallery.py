@@ -4,7 +4,9 @@ Reads a volume's Parquet from the artifacts bucket and the page images from the
 archive bucket, rebuilds each page's *corrected page* as the archive's readers do (rotation,
 then the thin-plate spline: :func:`bec.ldv1.correction.corrected_page`), draws every line
 contour (and its box) over it, one colour per text line, and writes PNGs plus an
-``index.html`` per volume — what ``bec demo`` leaves in ``demo-out/``.
+``index.html`` per volume — what ``bec demo`` leaves in ``demo-out/``. With an ocr job's
+Parquet for the same version, each page's text is shown beside it (and its CER when the
+true text is known: generated pages).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class VolumePictures:
     pages: list[dict[str, Any]]
     marker: dict[str, Any]
     folder: Path
+    cer: float | None = None      # the volume's OCR against the true text, when both are known
 
 
 def draw_page(image: np.ndarray, contours: list[list[dict[str, int]]],
@@ -65,10 +68,32 @@ def draw_page(image: np.ndarray, contours: list[list[dict[str, int]]],
     return canvas
 
 
+def _read_text(s3: Any, dest_bucket: str, job: str, w_id: str, i_id: str, version: str,
+               pages: list[dict[str, Any]], truth: dict[str, str] | None) -> float | None:
+    """Attach each page's OCR row (``page["ocr"]``, with its CER when the truth is known);
+    returns the volume's CER (errors over characters), None without truth or text."""
+    from bec.ocr.score import errors
+
+    try:
+        body = s3.get_object(Bucket=dest_bucket, Key=artifacts.parquet_key(job, w_id, i_id, version))["Body"].read()
+    except Exception:  # no ocr output for this version: pictures without text
+        return None
+    dist = chars = 0
+    for page, row in zip(pages, pq.read_table(io.BytesIO(body)).to_pylist()):
+        page["ocr"] = row
+        if truth and row["ok"] and row["img_file_name"] in truth:
+            d, n = errors(row["text"] or "", truth[row["img_file_name"]])
+            row["cer"] = d / n if n else None
+            dist, chars = dist + d, chars + n
+    return dist / chars if chars else None
+
+
 def render_volume(s3: Any, source_bucket: str, dest_bucket: str, job: str, w_id: str, i_id: str,
-                  version: str, out_dir: Path) -> VolumePictures:
+                  version: str, out_dir: Path, ocr_job: str | None = None,
+                  truth: dict[str, str] | None = None) -> VolumePictures:
     body = s3.get_object(Bucket=dest_bucket, Key=artifacts.parquet_key(job, w_id, i_id, version))["Body"].read()
     pages = pq.read_table(io.BytesIO(body)).to_pylist()
+    cer = _read_text(s3, dest_bucket, ocr_job, w_id, i_id, version, pages, truth) if ocr_job else None
     marker = json.loads(s3.get_object(Bucket=dest_bucket,
                                       Key=artifacts.success_key(job, w_id, i_id, version))["Body"].read())
     folder = out_dir / f"{w_id}-{i_id}"
@@ -85,7 +110,7 @@ def render_volume(s3: Any, source_bucket: str, dest_bucket: str, job: str, w_id:
             scale = MAX_WIDTH / drawn.shape[1]
             drawn = cv2.resize(drawn, (MAX_WIDTH, int(drawn.shape[0] * scale)), interpolation=cv2.INTER_AREA)
         Image.fromarray(drawn).save(folder / (Path(page["img_file_name"]).stem + ".png"), optimize=True)
-    pictures = VolumePictures(w_id, i_id, version, pages, marker, folder)
+    pictures = VolumePictures(w_id, i_id, version, pages, marker, folder, cer)
     (folder / "index.html").write_text(volume_html(pictures))
     return pictures
 
@@ -103,13 +128,30 @@ def _correction(page: dict[str, Any]) -> str:
     return f"{rotated}, {dewarped}"
 
 
+def _text_html(row: dict[str, Any] | None) -> str:
+    """The text the ocr job read on the page, with its confidence (and CER when known)."""
+    if row is None:
+        return ""
+    if not row["ok"]:
+        return (f"<p class='text err'>OCR failed at {html.escape(row['error_stage'] or '')}: "
+                f"{html.escape(row['error_message'] or '')}</p>")
+    facts = [f"{row['nb_lines']} lines from {html.escape(row['line_source'] or '')}"]
+    if row["mean_confidence"] is not None:
+        facts.append(f"confidence {row['mean_confidence']:.0f}")
+    if row.get("cer") is not None:
+        facts.append(f"CER {row['cer']:.1%}")
+    return (f"<div class=text><small>{' · '.join(facts)} · ocr {row['ocr_ms']:.0f} ms</small>"
+            f"<p class=text lang=bo>{html.escape(row['text'] or '')}</p></div>")
+
+
 def volume_html(v: VolumePictures) -> str:
     rows = []
     for page in v.pages:
         name = html.escape(page["img_file_name"])
         if page["ok"]:
             png = html.escape(Path(page["img_file_name"]).stem + ".png")
-            rows.append(f'<figure><a href="{png}"><img src="{png}" loading="lazy"></a><figcaption>'
+            rows.append(f'<figure><div class=page><a href="{png}"><img src="{png}" loading="lazy"></a>'
+                        f"{_text_html(page.get('ocr'))}</div><figcaption>"
                         f"<b>{name}</b> — {page['nb_lines']} lines ({page['nb_contours']} contours), "
                         f"skew {page['skew_angle']:.1f}°, {_correction(page)} · "
                         f"{page['width']}×{page['height']} px"
@@ -120,7 +162,8 @@ def volume_html(v: VolumePictures) -> str:
     m = v.marker
     return f"""<!doctype html><meta charset=utf-8><title>{v.w_id}/{v.i_id}</title>
 <style>body{{font-family:sans-serif;margin:2em;background:#fafafa}} img{{max-width:100%;border:1px solid #ccc}}
-figure{{margin:0 0 2em}} .err{{color:#a00}}</style>
+figure{{margin:0 0 2em}} .err{{color:#a00}} .page{{display:flex;gap:1em;align-items:flex-start}}
+.page>a{{flex:3}} .text{{flex:2;font-size:1.3em;white-space:pre-wrap;margin:0}}</style>
 <h1>{v.w_id} / {v.i_id} <small>version {v.version}</small></h1>
 <p>{m.get('total_images')} pages, {m.get('nb_errors')} errors, {m.get('total_duration_ms', 0) / 1000:.1f} s
 ({m.get('avg_duration_per_page_ms', 0):.0f} ms/page) · model {html.escape(str(m.get('model', {}).get('name')))}
@@ -132,9 +175,10 @@ figure{{margin:0 0 2em}} .err{{color:#a00}}</style>
 def index_html(volumes: list[VolumePictures], stats_text: str) -> str:
     items = "".join(
         f'<li><a href="{v.folder.name}/index.html">{v.w_id} / {v.i_id}</a> — {len(v.pages)} pages, '
-        f"{sum(p['nb_lines'] for p in v.pages)} lines, {v.marker.get('nb_errors')} errors</li>"
+        f"{sum(p['nb_lines'] for p in v.pages)} lines, {v.marker.get('nb_errors')} errors"
+        + (f", OCR CER {v.cer:.1%}" if v.cer is not None else "") + "</li>"
         for v in volumes)
     return f"""<!doctype html><meta charset=utf-8><title>BEC demo</title>
 <style>body{{font-family:sans-serif;margin:2em}}</style>
-<h1>BEC demo: line detection</h1><ul>{items}</ul><pre>{html.escape(stats_text)}</pre>
+<h1>BEC demo: line detection, then OCR on its lines</h1><ul>{items}</ul><pre>{html.escape(stats_text)}</pre>
 """

@@ -42,7 +42,7 @@ import botocore.exceptions
 
 import boto3.exceptions
 
-from bec import artifacts, aws, metrics, partial, tasks
+from bec import artifacts, aws, jobkinds, metrics, partial, tasks
 from bec.archive import Manifest, read_manifest
 from bec.db import Database
 from bec.errors import (BecError, DatabaseUnavailable, PoisonMessage, RetryableError, StorageUnavailable,
@@ -140,6 +140,7 @@ class Admission:
     # HELD after admission: None (admit the message again); after a claim: the settlement
     # to try again (mark done, failed or released), returning its verdict.
     pending: Callable[[], Verdict] | None = field(default=None, repr=False)
+    inputs: Any = None           # what the job kind read for the volume's pages (ocr: ldv1's lines)
 
     @property
     def label(self) -> str:
@@ -217,6 +218,9 @@ def admit(svc: Services, message: Received) -> Admission:
         if superseded:
             log.info("volume %s: %d task(s) of an older version left running by a worker that is gone "
                      "were dropped (version %s supersedes them)", adm.label, superseded, version)
+        kind = jobkinds.kind_of(svc.job_name)
+        if kind is not None:  # a RetryableError (e.g. "run ldv1 first") retries it, recorded
+            adm.inputs = kind.volume_inputs(svc, adm)
         adm.claimed_at = time.time()
         adm.verdict = Verdict.ADMITTED
         return adm
@@ -297,6 +301,8 @@ def finish(svc: Services, adm: Admission, out: VolumeFile) -> Verdict:
     a deterministic one is the same on every try, so it is recorded as an error row and the
     volume is done. A retried volume keeps its finished pages for the next attempt."""
     assert adm.manifest is not None
+    kind = jobkinds.kind_of(svc.job_name)
+    assert kind is not None, svc.job_name
     version = adm.manifest.version
     duration_ms = (time.time() - adm.claimed_at) * 1000
     tally = out.tally
@@ -326,12 +332,13 @@ def finish(svc: Services, adm: Admission, out: VolumeFile) -> Verdict:
         "resumed_pages": tally.resumed,
         "total_duration_ms": round(duration_ms, 3),
         "avg_duration_per_page_ms": round(duration_ms / pages, 3) if pages else 0.0,
-        "stage_ms": {name: round(ms, 3) for name, ms in zip(("fetch", "decode", "infer", "post"), tally.stage_ms)},
+        "stage_ms": {name: round(ms, 3) for name, ms in zip(kind.stage_names, tally.stage_ms)},
         "row_groups": out.row_groups,
         "worker": {"id": svc.worker_id, "name": svc.worker_name},
         "task_id": adm.task_id, "attempt": adm.attempt,
         "job_config": svc.config, "model": svc.model,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **kind.summary(body),
     }
     write_started = time.perf_counter()
     try:                                                                                 # 6

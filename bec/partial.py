@@ -24,7 +24,7 @@ import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from bec import artifacts, aws, metrics
+from bec import artifacts, aws, jobkinds, metrics
 from bec.volumefile import SPOOL_BYTES, Resume, Tally, config_digest
 
 log = logging.getLogger("bec.partial")
@@ -69,7 +69,10 @@ def load(svc: Any, adm: Any) -> Found | None:
     metrics.S3_READ.inc(spool.tell())
     spool.seek(0)
     try:
-        resume = Resume(spool, [e.filename for e in adm.manifest.entries], file_metadata(svc))
+        kind = jobkinds.kind_of(svc.job_name)
+        schema = kind.table_schema() if kind is not None else None
+        resume = Resume(spool, [e.filename for e in adm.manifest.entries], file_metadata(svc),
+                        **({"schema": schema} if schema is not None else {}))
     except ValueError as why:
         spool.close()
         log.warning("volume %s: its partial results s3://%s/%s are not used (%s): every page is "

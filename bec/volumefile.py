@@ -4,7 +4,7 @@ The controller used to keep every page's result until the volume ended, then bui
 whole table: 5,000 pages × 25 lines × 250 points is ~330 MiB held, and three times that at
 the peak of the write; a 100,000-page manifest twenty times more. Here each row goes out in
 manifest order as soon as every page before it is accounted for, one row group at a time
-(``artifacts.build_table`` per group), into a spooled temporary file (in memory up to
+(the job kind's ``build_table`` per group), into a spooled temporary file (in memory up to
 ``SPOOL_BYTES``, then on disk under ``TMPDIR``) that is uploaded when the volume ends.
 
 What stays in memory is the results that arrived ahead of an earlier page still in flight,
@@ -38,7 +38,6 @@ SPOOL_BYTES = 16 * 1024 * 1024  # a volume's file stays in memory up to this siz
 ERRORS_LISTED = 100            # failed pages named one by one in success.json (all are in the Parquet)
 MESSAGE_CHARS = 300
 STAGES = ("fetch", "decode", "infer", "post")
-TIMING_COLUMNS = tuple(f"{stage}_ms" for stage in STAGES)
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -94,7 +93,8 @@ class Resume:
     entry, whether its row is reused (``ok``, or a deterministic error) or redone.
     """
 
-    def __init__(self, source: IO[bytes], filenames: list[str], metadata: dict[str, str]) -> None:
+    def __init__(self, source: IO[bytes], filenames: list[str], metadata: dict[str, str],
+                 schema: pa.Schema = artifacts.SCHEMA) -> None:
         """Raises ``ValueError`` saying why the file cannot be resumed from."""
         self._source = source
         try:
@@ -102,7 +102,7 @@ class Resume:
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"unreadable ({exc})") from None
         stored = {k.decode(): v.decode() for k, v in (self.file.schema_arrow.metadata or {}).items()}
-        if not self.file.schema_arrow.equals(artifacts.SCHEMA, check_metadata=False):
+        if not self.file.schema_arrow.equals(schema, check_metadata=False):
             raise ValueError("written with another Parquet schema")
         for key, value in metadata.items():
             if stored.get(key) != value:
@@ -144,11 +144,17 @@ class Resume:
 
 
 class VolumeFile:
-    """Rows of one volume in manifest order → row groups in a spooled file, as pages complete."""
+    """Rows of one volume in manifest order → row groups in a spooled file, as pages complete.
+
+    ``kind`` (a ``bec.jobkinds.JobKind``) gives the schema, the row builder and the timing
+    columns; without one, ldv1's (``bec.artifacts``)."""
 
     def __init__(self, n_pages: int, metadata: dict[str, str], resume: Resume | None = None,
-                 row_group_pages: int = ROW_GROUP_PAGES) -> None:
+                 row_group_pages: int = ROW_GROUP_PAGES, kind: Any = None) -> None:
         self.n = n_pages
+        self.build = kind.build_table if kind is not None else artifacts.build_table
+        stages = kind.stage_names if kind is not None else STAGES
+        self.timing_columns = tuple(f"{stage}_ms" for stage in stages)
         self.resume = resume
         self.row_group_pages = row_group_pages
         self.next_row = 0                          # the first row not yet gathered for writing
@@ -164,7 +170,7 @@ class VolumeFile:
         # volume finishes, and it is retried. Never raised into the controller's main loop.
         self.failure: Exception | None = None
         self._file: Any = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
-        schema = artifacts.SCHEMA.with_metadata(metadata)
+        schema = (kind.table_schema() if kind is not None else artifacts.SCHEMA).with_metadata(metadata)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._file, schema, compression="zstd")
         self._advance()  # resumed rows at the start go out at once
 
@@ -251,7 +257,7 @@ class VolumeFile:
         if self._run:
             if self.failure is None:
                 try:
-                    self._pieces.append(artifacts.build_table(self._run))
+                    self._pieces.append(self.build(self._run))
                 except Exception as exc:  # a bug or a row Arrow refuses: the volume is retried, saying so
                     self.failure = exc
             self._piece_rows += len(self._run)
@@ -285,7 +291,7 @@ class VolumeFile:
     def _tally_rows(self, start: int, rows: pa.Table) -> None:
         self.tally.pages += rows.num_rows
         self.tally.resumed += rows.num_rows
-        for n, name in enumerate(TIMING_COLUMNS):
+        for n, name in enumerate(self.timing_columns):
             self.tally.stage_ms[n] += float(pc.sum(rows.column(name)).as_py() or 0.0)
         ok = rows.column("ok").to_numpy(zero_copy_only=False).astype(bool)
         for k in np.flatnonzero(~ok):

@@ -17,7 +17,7 @@ from bec.ldv1.config import Ldv1Config
 from bec.ldv1.correction import NONE, Correction, correct_frame
 from bec.ldv1.postprocess import find_lines, plan_correction
 from bec.ldv1.preprocess import adaptive_threshold_into, stitch_into, tile_count, tile_frame
-from bec.pipeline.fetch import frame_for
+from bec.ldv1.kind import frame_for
 
 
 @dataclass

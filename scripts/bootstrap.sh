@@ -34,7 +34,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $VENV/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==$TORCH_VERSION"
-$PIP install -e ".[ldv1,dev,synth]"
+$PIP install -e ".[ldv1,ocr,dev,synth]"
 # pillow-simd built before libtiff-dev was present lacks TIFF support; pip's wheel cache
 # would hand the same build back, so rebuild it without the cache.
 if ! $VENV/bin/python -c "from PIL import features; assert features.check('libtiff')" 2>/dev/null; then

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+from html import escape
 import re
 import subprocess
 import sys
@@ -109,6 +110,20 @@ def test_demo_end_to_end(dev_env, tmp_path):
                 assert coloured.max() > 60, f"no drawn line at {x},{y} in {png.name}"
                 checked += 1
     assert checked > 0
+    # then ocr read the text on ldv1's lines, and the gallery shows it beside each page
+    assert "Job Statistics: ocr" in text and re.search(r"CER \d+\.\d% against the generated text", text)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="bec-dev-artifacts", Prefix="ocr/")["Contents"]]
+    ocr_parquets = [k for k in keys if k.endswith(".parquet")]
+    assert len(ocr_parquets) == 3 and sum(k.endswith("success.json") for k in keys) == 3
+    for key in ocr_parquets:
+        _, w, i, _version, _ = key.split("/")
+        rows = pq.read_table(io.BytesIO(s3.get_object(Bucket="bec-dev-artifacts", Key=key)["Body"].read())).to_pylist()
+        assert len(rows) == 4 and all(r["ok"] and r["line_source"] == "ldv1" for r in rows)
+        html = (out / f"{w}-{i}" / "index.html").read_text()
+        for row in rows:
+            first = row["text"].splitlines()[0] if row["text"] else ""
+            assert escape(first) in html
+        assert "lines from ldv1" in html and "CER " in html
     # re-running works
     again = subprocess.run([BEC, "demo", "--out", str(out), "--volumes", "1", "--pages", "2"], env=dev_env,
                            capture_output=True, text=True, cwd=tmp_path, timeout=600)

@@ -152,8 +152,8 @@ class WorkerRun:
 
 
 def start_worker(stack: Stack, *args: str, model: str = "null", procs: int = 1,
-                 env: dict[str, str] | None = None) -> WorkerRun:
-    cmd = [BEC, "worker", "--job-name", JOB, "--model-path", model, "--poll-wait", "1",
+                 env: dict[str, str] | None = None, job: str = JOB) -> WorkerRun:
+    cmd = [BEC, "worker", "--job-name", job, "--model-path", model, "--poll-wait", "1",
            "--shutdown-after-empty", "2", "--procs", str(procs), "--retry-delay", "0"]
     if "--metrics-port" not in args:
         cmd += ["--metrics-port", "0"]  # tests run workers side by side
@@ -180,13 +180,13 @@ def tasks(stack: Stack) -> list[dict[str, Any]]:
         "FROM task_executions t JOIN volumes v ON v.id = t.volume_id ORDER BY v.bdrc_i_id, t.id")
 
 
-def read_parquet(stack: Stack, w: str, i: str, version: str) -> list[dict[str, Any]]:
-    body = stack.s3.get_object(Bucket=DEST_BUCKET, Key=artifacts.parquet_key(JOB, w, i, version))["Body"].read()
+def read_parquet(stack: Stack, w: str, i: str, version: str, job: str = JOB) -> list[dict[str, Any]]:
+    body = stack.s3.get_object(Bucket=DEST_BUCKET, Key=artifacts.parquet_key(job, w, i, version))["Body"].read()
     return pq.read_table(io.BytesIO(body)).to_pylist()
 
 
-def read_success(stack: Stack, w: str, i: str, version: str) -> dict[str, Any]:
-    body = stack.s3.get_object(Bucket=DEST_BUCKET, Key=artifacts.success_key(JOB, w, i, version))["Body"].read()
+def read_success(stack: Stack, w: str, i: str, version: str, job: str = JOB) -> dict[str, Any]:
+    body = stack.s3.get_object(Bucket=DEST_BUCKET, Key=artifacts.success_key(job, w, i, version))["Body"].read()
     return json.loads(body)
 
 

@@ -14,7 +14,7 @@ from bec import aws, jobs as jobstore, queues, tasks
 from bec.cli.context import AppContext, pass_app, valid_job_name
 from bec.errors import BadInput
 from bec.ids import check_job_name
-from bec.jobkinds import LDV1, kind_of
+from bec.jobkinds import KINDS, kind_of
 from bec.telemetry import LOCAL_ONLY
 
 log = logging.getLogger("bec.worker")
@@ -105,27 +105,6 @@ def command(app: AppContext, job_name: str, **opts: Any) -> None:
         telemetry.cleanup(folder)
 
 
-def _check_worker_extras() -> None:
-    """The worker's image and model stack is an extra (``bec[ldv1]``); without it every child
-    would crash at import and be restarted until the supervisor gives up."""
-    import importlib.util
-
-    def absent(module: str) -> bool:
-        try:
-            return importlib.util.find_spec(module) is None
-        except (ImportError, ValueError):  # e.g. a module set to None in sys.modules
-            return True
-
-    missing = [name for module, name in (("torch", "torch"), ("cv2", "opencv-python-headless"),
-                                         ("numpy", "numpy"), ("PIL", "Pillow"),
-                                         ("tps", "thin-plate-spline"), ("scipy", "scipy"))
-               if absent(module)]
-    if missing:
-        raise BadInput(f"bec worker needs the ldv1 extras, and {', '.join(missing)} "
-                       f"{'is' if len(missing) == 1 else 'are'} not installed: "
-                       "pip install -e '.[ldv1]' (torch separately, see README)")
-
-
 def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
     """Both buckets exist, and a missing object reads as missing, before the first volume is
     taken (see ``aws.check_bucket``)."""
@@ -146,40 +125,36 @@ def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
 
 
 def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
-    from bec.ldv1.config import Ldv1Config, precision_on
     from bec.logs import setup_logging
     from bec.pipeline.child import PipelineSpec
     from bec.pipeline.slots import SlotPool
-    from bec.pipeline.supervisor import Supervisor, cpu_inference_layout, model_identity, new_namespace, slot_count
+    from bec.pipeline.supervisor import Supervisor, new_namespace, slot_count
 
     log_json = bool(_setting(app, opts["log_json"], "BEC_LOG_JSON", False, lambda v: v.lower() in ("1", "true", "yes")))
     setup_logging(json_lines=log_json)
     check_job_name(job_name)
-    _check_worker_extras()
+    kind = kind_of(job_name)
+    if kind is None:
+        raise BadInput(f"job {job_name!r} has no worker implementation "
+                       f"(known: {', '.join(f'{k}, {k}-*' for k in KINDS)})")
+    kind.check_installed()
     settings = app.settings
     region = settings.region(opts["region"])
     dest_bucket = settings.dest_bucket(opts["s3_dest_bucket"])
     source_bucket = settings.source_bucket(opts["s3_source_bucket"])
-    model_path = settings.model_path(opts["model_path"])
     db = app.db
     job = jobstore.get(db, job_name)
-    if kind_of(job.name) != LDV1:
-        raise BadInput(f"job {job.name!r} has no worker implementation (known: ldv1, ldv1-*)")
-    config = Ldv1Config.from_mapping(job.config).to_dict()
-    identity = model_identity(model_path)
+    config = kind.validate(job.config)
 
     cores = usable_cores()
     procs = _setting(app, opts["procs"], "BEC_PROCS", max(1, cores - 1), int)
-    gpus = count_gpus()
-    device = opts["device"]
-    if device == "auto":
-        device = "cuda" if config["use_gpu"] and gpus else "cpu"
-    n_infer = _setting(app, opts["infer_procs"], "BEC_INFER_PROCS", None, int)
-    infer_threads = _setting(app, opts["infer_threads"], "BEC_INFER_THREADS", None, int)
-    if device == "cuda":
-        n_infer, infer_threads = n_infer or max(1, gpus), infer_threads or 1
-    else:
-        n_infer, infer_threads = cpu_inference_layout(model_path, cores, n_infer, infer_threads)
+    plan = kind.plan(settings, {
+        "model_path": opts["model_path"], "device": opts["device"], "procs": procs,
+        "infer_procs": _setting(app, opts["infer_procs"], "BEC_INFER_PROCS", None, int),
+        "infer_threads": _setting(app, opts["infer_threads"], "BEC_INFER_THREADS", None, int),
+        "post_procs": _setting(app, opts["post_procs"], "BEC_POST_PROCS", None, int),
+    }, config, cores, count_gpus())
+    identity, device = plan.identity, plan.device
     sqs = app.sqs
     with aws.cli_errors(f"SQS queue {queues.queue_name_of(job.queue_url)}", aws.endpoint_of(sqs)):
         # the queue exists, the endpoint answers, and its redrive says when to give up
@@ -197,23 +172,18 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     say(f"Worker initialized: worker_id={worker_id}, job_id={job.id}")
     say(f"Queue: {job.queue_url}")
     say(f"DLQ: {job.dlq_url}")
-    runs_in = precision_on(device, config["precision"])
-    say(f"Model: {identity['name']} (sha256 {identity['sha256'][:12] or '-'}) on {device}, "
-        f"precision {config['precision']}"
-        + (f" (runs in {runs_in}: no fast {config['precision']} path on this device)"
-           if runs_in != config["precision"] else ""))
+    for line in plan.lines:
+        say(line)
 
     pipeline = PipelineSpec(
         namespace=new_namespace(worker_id), roles=[], slots=None,  # type: ignore[arg-type]
-        job_name=job.name, job_id=job.id, worker_id=worker_id, config=config,
-        model_path=model_path, model_identity=identity, region=region,
+        job_name=job.name, job_id=job.id, worker_id=worker_id, config=plan.config,
+        model_path=plan.model_path, model_identity=identity, region=region,
         source_bucket=source_bucket, dest_bucket=dest_bucket, queue_url=job.queue_url,
         dlq_url=job.dlq_url, db=settings.db_params(), device=device,
-        threshold_in_fetch=device != "cuda",
+        threshold_in_fetch=plan.threshold_in_fetch,
         fetch_threads=_setting(app, opts["fetch_threads"], "BEC_FETCH_THREADS", PipelineSpec.fetch_threads, int),
-        n_fetch=procs, n_infer=n_infer,
-        n_post=_setting(app, opts["post_procs"], "BEC_POST_PROCS", max(1, procs // 4), int),
-        infer_threads=infer_threads,
+        n_fetch=procs, n_infer=plan.n_infer, n_post=plan.n_post, infer_threads=plan.infer_threads,
         cpu_nice=_setting(app, None, "BEC_CPU_NICE", PipelineSpec.cpu_nice, int),
         poll_wait=_setting(app, opts["poll_wait"], "BEC_POLL_WAIT", 20, int),
         visibility_timeout=_setting(app, opts["visibility_timeout"], "BEC_VISIBILITY_TIMEOUT", 300, int),
@@ -226,11 +196,10 @@ def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
     pipeline.roles = (["controller"] + [f"infer-{i}" for i in range(pipeline.n_infer)]
                       + [f"post-{i}" for i in range(pipeline.n_post)]
                       + [f"fetch-{i}" for i in range(pipeline.n_fetch)])
-    area = config["max_frame_width"] * config["max_frame_height"]
-    slots = SlotPool.create(slot_count(pipeline), area, roles=len(pipeline.roles) + 1)
+    slots = SlotPool.create(slot_count(pipeline, plan.batch_pages), plan.frame_area, roles=len(pipeline.roles) + 1)
     pipeline.slots = slots.handle()
     say(f"Pipeline: {pipeline.n_fetch} fetch × {pipeline.fetch_threads} threads, "
-        f"{pipeline.n_infer} inference ({device}"
+        f"{pipeline.n_infer} {'inference' if kind.name == 'ldv1' else kind.name} ({device}"
         f"{'' if device == 'cuda' else f' × {pipeline.infer_threads} threads'}), {pipeline.n_post} post, "
         f"{slots.layout.count} slots of {2 * slots.layout.area_bytes >> 20} MiB")
     grace = _setting(app, opts["grace"], "BEC_GRACE", 120.0, float)

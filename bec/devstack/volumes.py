@@ -33,13 +33,15 @@ class MadePage:
     geometry: str = "straight"
     #: int16 H×W: 0 paper, k = the band of text line k (the generator's exact ground truth)
     line_labels: Any = field(default=None, repr=False, compare=False)
+    line_texts: tuple[str, ...] = ()   # each line's text, top line first (OCR ground truth)
 
 
 def render(kind: str, rng: np.random.Generator, width: int | None = None,
-           height: int | None = None, geometry: str = "straight") -> tuple[bytes, Any]:
+           height: int | None = None, geometry: str = "straight",
+           page_kind: str | None = None) -> tuple[bytes, Any]:
     from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
 
-    page = generate_page(rng, capture=CAPTURE_OF[kind], width=width, height=height,
+    page = generate_page(rng, page_kind, capture=CAPTURE_OF[kind], width=width, height=height,
                          **geometry_args(geometry, rng))
     if kind == "tiff_g4":
         return encode_tiff_g4(page.image, page.dpi), page
@@ -79,9 +81,10 @@ def put_manifest(s3: Any, bucket: str, w_id: str, i_id: str, entries: Sequence[d
 
 def make_volume(s3: Any, bucket: str, w_id: str, i_id: str, n_pages: int, seed: int,
                 kinds: Sequence[str] = KINDS, size: tuple[int, int] | None = None,
-                geometries: Sequence[str] = ("straight",)) -> list[MadePage]:
-    """Upload ``n_pages`` generated pages (kinds and geometries in rotation) and the
-    volume's manifest."""
+                geometries: Sequence[str] = ("straight",),
+                page_kinds: Sequence[str | None] = (None,)) -> list[MadePage]:
+    """Upload ``n_pages`` generated pages (kinds, geometries and page kinds — ``book``,
+    ``pecha``…, None: drawn — in rotation) and the volume's manifest."""
     rng = np.random.default_rng(seed)
     prefix = volume_prefix(w_id, i_id)
     suffix = i_id[1:] if len(i_id) == 5 and i_id[1:].isdigit() else i_id
@@ -89,7 +92,8 @@ def make_volume(s3: Any, bucket: str, w_id: str, i_id: str, n_pages: int, seed: 
     for n in range(n_pages):
         kind = kinds[n % len(kinds)]
         geometry = geometries[n % len(geometries)]
-        data, page = render(kind, rng, *(size or (None, None)), geometry=geometry)
+        data, page = render(kind, rng, *(size or (None, None)), geometry=geometry,
+                            page_kind=page_kinds[n % len(page_kinds)])
         name = f"{suffix}{n + 1:04d}.{'tif' if kind == 'tiff_g4' else 'jpg'}"
         s3.put_object(Bucket=bucket, Key=prefix + name, Body=data)
         h, w = page.image.shape
@@ -97,7 +101,8 @@ def make_volume(s3: Any, bucket: str, w_id: str, i_id: str, n_pages: int, seed: 
         if len(data) > 2_000_000:
             entry["size"] = len(data)
         entries.append(entry)
-        made.append(MadePage(name, kind, page.n_lines, int(w), int(h), geometry, page.line_labels))
+        made.append(MadePage(name, kind, page.n_lines, int(w), int(h), geometry, page.line_labels,
+                             tuple(page.line_texts)))
     put_manifest(s3, bucket, w_id, i_id, entries)
     return made
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, NoReturn
 from bec.errors import BadInput
 from bec.pipeline import heap
 from bec.pipeline.messages import Fatal, Mailbox, Message, PageFailed, Ready, Stop
-from bec.pipeline.slots import DONE, SharedFd, SlotLayout, SlotPool
+from bec.pipeline.slots import DONE, INFER, SharedFd, SlotLayout, SlotPool
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -38,7 +38,7 @@ class PipelineSpec:
     job_name: str
     job_id: int
     worker_id: int
-    config: dict[str, Any]               # the validated job config (ldv1 keys)
+    config: dict[str, Any]               # the validated job config (its kind's keys, defaults filled)
     model_path: str
     model_identity: dict[str, str]
     region: str
@@ -75,7 +75,7 @@ class PipelineSpec:
 @dataclass
 class ChildSpec:
     role: str           # "fetch-0", "infer-0", "post-0", "controller"
-    module: str         # bec.pipeline.fetch …: its ``run(ctx)`` is the process body
+    module: str         # bec.pipeline.fetch, the job kind's stage modules …: ``run(ctx)`` is the body
     pipeline: PipelineSpec
     parent_pid: int
 
@@ -113,6 +113,22 @@ class ChildContext:
         row["state"] = state
         self.mailbox.send(role, msg)
         return True
+
+    def least_busy_infer(self, slot: int) -> str:
+        """The model process ("infer-N") holding the fewest pages (queued or being read); ties go
+        to slot modulo processes. Why not slot modulo alone: pages take very different times
+        (an OCR page 0.2–3 s), and routing by slot number alone left one OCR process idle while
+        its sibling had pages queued."""
+        n = self.pipeline.n_infer
+        if n == 1:
+            return "infer-0"
+        table = self.slots.table
+        held = table["owner"][table["state"] == INFER]
+        loads = []
+        for k in range(n):
+            pid = self.pid_of(f"infer-{k}")
+            loads.append((int((held == pid).sum()) if pid else 1 << 30, (k - slot) % n, k))
+        return f"infer-{min(loads)[2]}"
 
     def fail_page(self, slot: int, gen: int, stage: str, error: str, text: str) -> None:
         """A per-page error: the slot goes back to the controller with the reason."""

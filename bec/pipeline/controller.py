@@ -38,7 +38,7 @@ import functools
 import botocore.exceptions
 import numpy as np
 
-from bec import aws, lifecycle, metrics, partial
+from bec import aws, jobkinds, lifecycle, metrics, partial
 from bec.artifacts import PageOutcome
 from bec.db import Database
 from bec.errors import BadInput, BecError, page_error_class
@@ -124,6 +124,8 @@ class Controller:
         self.table = ctx.slots.table
         self.db = Database(p.db, min_size=1, max_size=4, application_name="bec-controller")
         self.sqs = aws.client("sqs", p.region)
+        self.kind = jobkinds.kind_of(p.job_name)
+        assert self.kind is not None, p.job_name  # the worker refuses a job of no kind
         self.backoffs = BackoffWatch(self.sqs, p.queue_url)  # what the lifecycle hides for later
         probes = (functools.partial(aws.probe, probe_client(p.source_bucket, p.region), p.source_bucket),
                   functools.partial(aws.probe, aws.single_try_client("s3", p.region), p.dest_bucket))
@@ -234,6 +236,9 @@ class Controller:
                 row["skew"], row["tps_n"] = 0.0, 0
                 for name in ("fetch_ms", "decode_ms", "infer_ms", "post_ms"):
                     row[name] = 0.0
+                page_input = self.kind.page_input(vol.adm.inputs, page)  # e.g. the page's ldv1 lines
+                if page_input:
+                    self.pool.write_result(slot, page_input)
                 row["owner"] = self.ctx.pid_of(role)
                 row["state"] = S.FETCH
                 msg = Fetch(slot, gen, self.p.source_bucket, vol.adm.manifest.key(entry), entry.size or 0,
@@ -264,7 +269,7 @@ class Controller:
             if not outcome.ok:
                 metrics.PAGE_ERRORS.labels(outcome.error_stage or "", outcome.error_type or "",
                                            page_error_class(outcome.error_type)).inc()
-            for stage, ms in zip(("fetch", "decode", "infer", "post"), outcome.timings):
+            for stage, ms in zip(self.kind.stage_names, outcome.timings):
                 if ms > 0:
                     metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
         if vol.complete and not vol.finishing:
@@ -287,7 +292,7 @@ class Controller:
         if vol is not None:
             entry = vol.adm.manifest.entries[page]
             result = decode_result(self.pool.read_result(msg.slot))
-            outcome = PageOutcome.from_result(
+            outcome = self.kind.outcome(
                 entry.filename, result, etag=row["etag"].decode() or None,
                 size=(int(row["orig_w"]), int(row["orig_h"])),
                 frame=(int(row["frame_w"]), int(row["frame_h"])), timings=self._timings(row))
@@ -687,7 +692,8 @@ class Controller:
             key = self.next_key
             self.next_key += 1
             n = len(adm.manifest.entries)
-            out = VolumeFile(n, partial.file_metadata(self.svc), adm.partial.resume if adm.partial else None)
+            out = VolumeFile(n, partial.file_metadata(self.svc), adm.partial.resume if adm.partial else None,
+                             kind=self.kind)
             todo = out.to_do()
             metrics.PAGES_RESUMED.inc(n - len(todo))
             self.volumes[key] = VolumeRun(key, adm, out, collections.deque(todo),

@@ -17,28 +17,13 @@ from typing import Any, Iterator
 
 import botocore.exceptions
 
-from bec import aws, imaging
+from bec import aws, imaging, jobkinds
 from bec.errors import PageError
 from bec.localarchive import probe_client, source_client
-from bec.ldv1.preprocess import adaptive_threshold_into, frame_size
+from bec.ldv1.preprocess import adaptive_threshold_into
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import PAGE_CHANGED as CHANGED, PAGE_S3_UNAVAILABLE as UNAVAILABLE, Fetch, FrameReady
-
-
-def frame_for(config: dict[str, Any], area_bytes: int):
-    """The frame rule of DESIGN §7, bounded by what one slot can hold."""
-    tile = config["tile_size"]
-    max_w, max_h = config["max_frame_width"], config["max_frame_height"]
-
-    def rule(width: int, height: int) -> tuple[int, int]:
-        fw, fh = frame_size(width, height, tile, max_w, max_h)
-        if fw * fh > area_bytes:  # an extreme strip: shrink until it fits a slot
-            scale = (area_bytes / (fw * fh)) ** 0.5
-            fw, fh = max(1, int(fw * scale)), max(1, int(fh * scale))
-        return fw, fh
-
-    return rule
 
 
 class Fetcher:
@@ -46,10 +31,13 @@ class Fetcher:
         self.ctx = ctx
         p = ctx.pipeline
         self.probe_client = probe_client(p.source_bucket, p.region)
+        # The frame a page is decoded to is the job kind's (ldv1: the model's frame rule; ocr:
+        # the original's size, only what a slot cannot hold is scaled down).
+        self.rule = jobkinds.kind_of(p.job_name).frame_rule(  # type: ignore[union-attr]
+            p.config, ctx.slots.layout.area_bytes)
         self.max_pixels = int(p.config["max_image_pixels"])
         self.max_bytes = int(p.config["max_image_bytes"])
         self.s3 = source_client(p.source_bucket, p.region, max_bytes=self.max_bytes, pool=p.fetch_threads + 2)
-        self.rule = frame_for(p.config, ctx.slots.layout.area_bytes)
         self.threshold_here = p.threshold_in_fetch
         self.index = int(ctx.spec.role.rsplit("-", 1)[1])
         # Decodes run side by side, except a suspect's (``Fetch.alone``), which runs with no
@@ -100,7 +88,7 @@ class Fetcher:
         row["fetch_ms"], row["decode_ms"] = (t1 - t0) * 1000, (t2 - t1) * 1000
         row["nbytes"] = len(data)
         row["etag"] = etag.encode()[:S.ETAG_BYTES]
-        role = f"infer-{msg.slot % self.ctx.pipeline.n_infer}"
+        role = self.ctx.least_busy_infer(msg.slot)
         self.ctx.hand_over(slot, msg.gen, S.INFER, role, FrameReady(slot, msg.gen))
 
     def _too_large(self, bucket: str, key: str, size: int, said_by: str) -> PageError:

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bec import __version__, aws, metrics, tasks, telemetry
+from bec import __version__, aws, jobkinds, metrics, tasks, telemetry
 from bec.db import Database
 from bec.errors import BecError, ModelError, Unavailable
 from bec.pipeline.child import ChildSpec, PipelineSpec, child_main
@@ -46,8 +46,7 @@ MAX_CRASHES = 5           # crashes of one role within CRASH_WINDOW_S before giv
 CRASH_WINDOW_S = 300.0
 STOP_TIMEOUT_S = 10.0
 
-MODULES = {"controller": "bec.pipeline.controller", "fetch": "bec.pipeline.fetch",
-           "infer": "bec.pipeline.inference", "post": "bec.pipeline.post"}
+CONTROLLER = "bec.pipeline.controller"  # every kind's; the other roles' modules are the kind's
 
 
 def model_identity(model_path: str) -> dict[str, str]:
@@ -104,8 +103,8 @@ def cpu_inference_layout(model_path: str, cores: int, procs: int | None = None,
 CPU_GOMP_SPINCOUNT = "10000"
 
 
-def slot_count(p: PipelineSpec) -> int:
-    batch = int(p.config["batch_size"])
+def slot_count(p: PipelineSpec, batch: int) -> int:
+    """Enough slots for every stage to have work queued: ``batch`` pages per model process."""
     return p.n_fetch * (p.fetch_threads + 2) + p.n_infer * 2 * batch + 2 * p.n_post + 4
 
 
@@ -158,13 +157,15 @@ class Supervisor:
         self.announced_ready = False
         self.started = time.monotonic()
         self.sqs = aws.client("sqs", pipeline.region)
+        self.stage_modules = jobkinds.kind_of(pipeline.job_name).stage_modules  # type: ignore[union-attr]
         if pipeline.device == "cpu":  # read by libgomp when a child loads torch
             os.environ.setdefault("GOMP_SPINCOUNT", CPU_GOMP_SPINCOUNT)
 
     # -- children ------------------------------------------------------------------------------
     def spawn(self, child: Child) -> None:
-        kind = child.role.split("-")[0]
-        spec = ChildSpec(child.role, MODULES[kind], self.p, os.getpid())
+        role = child.role.split("-")[0]
+        module = CONTROLLER if role == "controller" else self.stage_modules[role]
+        spec = ChildSpec(child.role, module, self.p, os.getpid())
         proc = self.mp.Process(target=child_main, args=(spec,), name=f"bec-{child.role}", daemon=False)
         with _main_script_hidden():
             proc.start()

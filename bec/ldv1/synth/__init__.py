@@ -41,7 +41,8 @@ the same from a seed. Arguments left ``None`` are drawn at random:
 ``n_lines``, ``line_labels`` (int16 H×W in the image's pixels: 0 = background, k =
 the band of text line k, 1 = the top line; in a table of contents row by row, left
 column first), ``line_mask`` (bool, ``line_labels > 0``), ``angle`` (= skew), ``bend``,
-``kind``, ``capture``, ``dpi`` and ``style`` (``"bilevel"`` or ``"gray"``). Labels are
+``kind``, ``capture``, ``dpi``, ``style`` (``"bilevel"`` or ``"gray"``) and ``line_texts``
+(line k's text at index k − 1, left to right: the OCR ground truth). Labels are
 drawn flat and warped with the image, so they are exact after skew, bend and
 perspective.
 
@@ -57,7 +58,7 @@ from it upwards, so the model is always scored on pages it has never seen.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -91,6 +92,7 @@ class SynthPage:
     kind: str
     capture: str
     dpi: int = 300
+    line_texts: list[str] = field(default_factory=list)  # line k's text at [k - 1] (OCR ground truth)
 
     @property
     def line_mask(self) -> np.ndarray:
@@ -182,7 +184,8 @@ def generate_page(rng: np.random.Generator | int, kind: str | None = None,
     image, labels = take(rng, cv, capture, skew, float(bend), perspective,
                          None if out_h is None else (out_h, out_w))
     return SynthPage(image=image, n_lines=cv.n_lines, line_labels=labels, angle=skew,
-                     bend=float(bend), kind=kind, capture=capture, dpi=int(dpi))
+                     bend=float(bend), kind=kind, capture=capture, dpi=int(dpi),
+                     line_texts=[cv.texts.get(k, "") for k in range(1, cv.n_lines + 1)])
 
 
 def _fit_flat(out_h: int, out_w: int, skew: float, bend: float, photo: bool) -> tuple[int, int]:

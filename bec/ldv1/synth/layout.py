@@ -42,6 +42,13 @@ class Canvas:
     blots: bool = False
     aged: bool = False                  # creased, worn folio (manuscripts, woodblocks)
     notes: list[str] = field(default_factory=list)
+    texts: dict[int, str] = field(default_factory=dict)  # label k → line k's text, left to right
+
+    def note_text(self, label: int, text: str) -> None:
+        """Add what was written on line ``label`` (the OCR ground truth): a page number and
+        a title on one band, or a table entry and its page number, read left to right."""
+        before = self.texts.get(label)
+        self.texts[label] = text if not before else f"{before} {text}"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -213,11 +220,18 @@ def write_line(canvas: Canvas, rng: np.random.Generator, writer: Writer, style: 
     def dy(xv: np.ndarray | float) -> np.ndarray | float:
         return style.wave * np.sin(2 * np.pi * np.asarray(xv) / wave_len + wave_phase)
 
+    words: list[str] = []
+    end = None
     for u, ux in placed:
         run = _shaped(font, ppem, u)
         jit = rng.normal(0.0, style.jitter) if style.jitter else 0.0
         _blit(canvas.ink, font, ppem, run, ux, baseline + float(dy(ux)) + jit, style.value)
+        if end is not None and ux - end > style.body * 0.25 and not words[-1].endswith(" "):
+            words.append(" ")       # a space stood here (after a shad, around a string hole)
+        words.append(u)
+        end = ux + run.width
     if label:
+        canvas.note_text(label, "".join(words).strip())
         # The glyphs' own extent: the first glyph's left edge to the last one's right.
         xs = np.linspace(x_first, x_last, max(2, int((x_last - x_first) / max(style.body, 4)) + 2))
         top = band_top + dy(xs)
@@ -244,6 +258,7 @@ def write_digits(canvas: Canvas, text: str, x: float, band_top: float, body: flo
     base = band_top + th
     cv2.putText(canvas.ink, text, (int(round(x)), int(round(base))), face, scale, 255, thick, cv2.LINE_AA)
     if label:
+        canvas.note_text(label, text)
         cv2.rectangle(canvas.labels, (int(x), int(base - th)), (int(x + tw), int(base)), int(label), -1)
     return x, x + tw
 
@@ -625,6 +640,7 @@ def _renumber(cv: Canvas) -> Canvas:
     lut = np.zeros(int(cv.labels.max()) + 1, np.int16)
     lut[present] = np.arange(1, len(present) + 1, dtype=np.int16)
     cv.labels = lut[cv.labels]
+    cv.texts = {int(lut[k]): t for k, t in cv.texts.items() if k < len(lut) and lut[k]}
     cv.n_lines = len(present)
     return cv
 
