@@ -135,7 +135,14 @@ def test_lines_from_ldv1_wait_for_ldv1_then_read_its_lines(stack):
     ldv1 = setup_job(stack)
     vol, made = book_volume(stack, pages=3, seed=12)
     enqueue(stack, q["queue"], [vol])
-    run = run_worker(stack, "--retry-delay", "600", job=OCR, timeout=240)
+    # The worker waits for a message it delayed before counting empty polls: stop it once the
+    # volume is sent back.
+    run = start_worker(stack, "--retry-delay", "600", "--shutdown-after-empty", "0", job=OCR)
+    try:
+        run.wait_for("run ldv1 first", timeout=180)
+    finally:
+        run.signal(signal.SIGTERM)
+        assert run.wait(60) == 0, run.output
     row, = tasks(stack)
     assert row["status"] == "retryable_failed", row
     assert "ldv1 output for W22084/I0001 version" in row["error_reason"]
