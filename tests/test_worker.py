@@ -100,7 +100,9 @@ def test_duplicate_messages_make_one_task(stack):
     q = setup_job(stack)
     vols = add_volumes(stack, 1, pages=3)
     enqueue(stack, q["queue"], vols * 3)
-    run = run_worker(stack)
+    # Duplicates of the running volume are looked at again stale_after + 2 s later (the worker
+    # waits for them before counting empty polls): a short stale_after keeps the test short.
+    run = run_worker(stack, "--stale-after", "10")
     rows = tasks(stack)
     assert len(rows) == 1 and rows[0]["status"] == "done" and rows[0]["attempt"] == 1
     assert run.output.count("Successfully processed message:") == 1

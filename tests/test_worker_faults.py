@@ -155,8 +155,10 @@ def test_two_workers_on_one_queue_process_each_volume_once(stack):
     q = setup_job(stack)
     vols = add_volumes(stack, 6, pages=4)
     enqueue(stack, q["queue"], vols + vols[:3])  # with some duplicates for good measure
-    first = start_worker(stack, "--shutdown-after-empty", "3")
-    second = start_worker(stack, "--shutdown-after-empty", "3")
+    # A duplicate of a volume running elsewhere is looked at again stale_after + 2 s later, and
+    # a worker waits for it before counting empty polls: a short stale_after keeps this short.
+    first = start_worker(stack, "--shutdown-after-empty", "3", "--stale-after", "10")
+    second = start_worker(stack, "--shutdown-after-empty", "3", "--stale-after", "10")
     assert first.wait(180) == 0 and second.wait(180) == 0
     assert_all_done_once(stack, vols, 4)
     processed = first.output.count("Successfully processed") + second.output.count("Successfully processed")
