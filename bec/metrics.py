@@ -82,3 +82,30 @@ def start_series() -> None:
     for outcome in ("done", "retry", "terminal", "poison", "already_done", "not_claimable", "released",
                     "taken_over"):
         VOLUMES.labels(outcome)
+
+
+class BusyWindow:
+    """The share of wall time a model process spends working, set on ``ACCEL_BUSY`` over
+    windows of a few seconds (a ratio since start would hide an idle minute in an hour)."""
+
+    def __init__(self, device_label: str, every_s: float = 2.0) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.device_label = device_label
+        self.every_s = every_s
+        self.busy_s = 0.0
+        self._window = (self._clock(), 0.0)  # (start, busy seconds at start)
+
+    def add(self, seconds: float) -> None:
+        self.busy_s += seconds
+
+    def report(self) -> bool:
+        """Set the gauge when a window has passed; True when it did."""
+        now = self._clock()
+        start, busy_at_start = self._window
+        if now - start < self.every_s:
+            return False
+        ACCEL_BUSY.labels(self.device_label).set((self.busy_s - busy_at_start) / (now - start))
+        self._window = (now, self.busy_s)
+        return True

@@ -45,9 +45,7 @@ class Reader:
         self.engine = Engine(find_language_data(cfg["lang"], cfg["tessdata"]), cfg["lang"], cfg["psm"],
                              cfg["line_psm"], cfg["dpi"])
         self.engine.read_page(np.full((32, 32), 255, np.uint8))  # load the model's weights now
-        self.busy_s = 0.0
-        self.device_label = f"cpu:{ctx.spec.role.rsplit('-', 1)[1]}"
-        self._window = (time.perf_counter(), 0.0)
+        self.busy = metrics.BusyWindow(f"cpu:{ctx.spec.role.rsplit('-', 1)[1]}")
 
     def handle(self, msg: FrameReady) -> None:
         pool = self.ctx.slots
@@ -82,7 +80,7 @@ class Reader:
         pool.write_result(msg.slot, payload)
         row["infer_ms"] = (elapsed - cut_s) * 1000
         row["post_ms"] = cut_s * 1000
-        self.busy_s += elapsed
+        self.busy.add(elapsed)
         metrics.INFER_BUSY.inc(elapsed)
         self.report_busy()
         self.ctx.hand_over(msg.slot, msg.gen, S.DONE, "controller", PageDone(msg.slot, msg.gen))
@@ -132,14 +130,9 @@ class Reader:
             if (sx != 1.0 or sy != 1.0) else given["contours"]
         return cut_lines(page, contours, given["line_index"], self.margin)
 
-    def report_busy(self, every_s: float = 2.0) -> None:
+    def report_busy(self) -> None:
         """Share of wall time this process spends reading pages, over a window of a few seconds."""
-        now = time.perf_counter()
-        start, busy_at_start = self._window
-        if now - start < every_s:
-            return
-        metrics.ACCEL_BUSY.labels(self.device_label).set((self.busy_s - busy_at_start) / (now - start))
-        self._window = (now, self.busy_s)
+        self.busy.report()
 
 
 def _to_original(box: tuple[int, int, int, int], sx: float, sy: float) -> tuple[int, int, int, int]:

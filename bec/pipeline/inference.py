@@ -92,11 +92,10 @@ class Inference:
         self.on_gpu = segmenter.device.type == "cuda"
         self.forward_tiles = forward_tiles(segmenter.device.type, self.max_tiles)
         self.in_flight = batches_in_flight(int(cfg.get("batches_in_flight", 0)), self.on_gpu)
-        self.busy_s = 0.0
         # CPU replicas share the device "cpu": each reports its own busy ratio as cpu:<replica>.
         replica = ctx.spec.role.rsplit("-", 1)[1]
         self.device_label = str(segmenter.device) if self.on_gpu else f"cpu:{replica}"
-        self._window = (time.perf_counter(), 0.0)  # (start, busy seconds at start)
+        self.busy = metrics.BusyWindow(self.device_label)
 
     # gathering ---------------------------------------------------------------------------
     def _accept(self, msg: FrameReady) -> Page | None:
@@ -180,7 +179,7 @@ class Inference:
             elapsed = batch.began.elapsed_time(batch.done) / 1000
         else:
             elapsed = time.perf_counter() - batch.started
-        self.busy_s += elapsed
+        self.busy.add(elapsed)
         n_tiles = batch.n_tiles
         metrics.BATCHES.inc()
         metrics.INFER_BUSY.inc(elapsed)
@@ -216,16 +215,10 @@ class Inference:
             chunk = torch.cat([chunk, pad])
         return self.seg.segment(chunk)[:n]
 
-    def report_busy(self, every_s: float = 2.0) -> None:
+    def report_busy(self) -> None:
         """Busy ratio over the last window of a few seconds (and device memory)."""
-        now = time.perf_counter()
-        start, busy_at_start = self._window
-        if now - start < every_s:
-            return
-        metrics.ACCEL_BUSY.labels(self.device_label).set((self.busy_s - busy_at_start) / (now - start))
-        if self.on_gpu:
+        if self.busy.report() and self.on_gpu:
             metrics.ACCEL_MEMORY.labels(self.device_label).set(torch.cuda.memory_allocated(self.seg.device))
-        self._window = (now, self.busy_s)
 
 
 def build_segmenter(ctx: ChildContext) -> Segmenter:
