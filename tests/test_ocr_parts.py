@@ -15,7 +15,7 @@ pytest.importorskip("uharfbuzz")
 from bec import artifacts  # noqa: E402
 from bec.ldv1.correction import Correction, correct_frame, corrected_page  # noqa: E402
 from bec.ldv1.synth import page_for_seed  # noqa: E402
-from bec.ocr.cutting import PAPER, cut_lines  # noqa: E402
+from bec.ocr.cutting import PAPER, QUIET_ZONE, cut_lines  # noqa: E402
 
 
 def _bands(labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -53,7 +53,8 @@ def test_lines_are_cut_top_down_each_alone_on_paper():
         x, y, w, h = line.box
         ys, xs = np.nonzero(page.line_labels == line.line_index + 1)
         assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
-        assert line.image.shape[0] < 2.2 * h  # the margin, not the neighbours
+        quiet = max(8, round(QUIET_ZONE * h))  # the white border Tesseract wants
+        assert line.image.shape[0] < 2.2 * h + 2 * quiet  # the margin, not the neighbours
         assert (line.image < 128).any()
     assert cut_lines(page.image, [], np.zeros(0, np.int16), 0.3) == []
     # A line in two pieces (split at a string hole, say) with foreign ink (gray 50: a margin
@@ -65,6 +66,7 @@ def test_lines_are_cut_top_down_each_alone_on_paper():
     left = np.array([[10, 20], [90, 20], [90, 39], [10, 39]])
     right = np.array([[110, 20], [190, 20], [190, 39], [110, 39]])
     line, = cut_lines(sheet, [left, right], np.array([0, 0]), margin=0.3)
+    assert (line.image[:8] == PAPER).all() and (line.image[:, -8:] == PAPER).all()  # the quiet zone
     assert line.box == (10, 20, 181, 20)
     assert (line.image == 0).sum() == (sheet == 0).sum()
     assert not (line.image == 50).any() and (line.image == PAPER).any()

@@ -29,7 +29,7 @@ class OcrConfig:
     # 20 generated pages 68.2 % → 52.9 %, real book pages 4.5 % → 3.1 % and 0.7 % → 0.7 %.
     psm: int = 4
     line_psm: int = 7                    # lines from ldv1: each cut-out line read as one line
-    line_margin: float = 0.3             # margin round a line's polygon, × its height (vowel signs, stacks)
+    line_margin: float = 0.5             # margin round a line's polygon, × its height (vowel signs, stacks)
     min_confidence: float = 0.0          # lines below this (0–100) are left out of text and lines
     tessdata: str = ""                   # folder of <lang>.traineddata; "": TESSDATA_PREFIX, then Debian's
     dpi: int = 0                         # the resolution Tesseract is told; 0: it estimates it from the text

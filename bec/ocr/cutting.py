@@ -20,6 +20,10 @@ import cv2
 import numpy as np
 
 PAPER = 255
+#: White border round each line image, in line heights (at least 8 px): Tesseract's line
+#: recogniser wants a quiet zone; glyphs touching the image's edge lose vowel signs and
+#: stacks (a 600-dpi book page read line by line: 14–26 % CER without it, 3.5 % with it).
+QUIET_ZONE = 0.25
 
 
 @dataclass
@@ -62,5 +66,7 @@ def cut_lines(page: np.ndarray, contours: list[np.ndarray], line_index: np.ndarr
         mask = cv2.dilate(mask, kernel)
         image = page[cy0:cy1, cx0:cx1].copy()
         image[mask == 0] = PAPER
+        quiet = max(8, int(round(QUIET_ZONE * height)))
+        image = cv2.copyMakeBorder(image, quiet, quiet, quiet, quiet, cv2.BORDER_CONSTANT, value=PAPER)
         lines.append(LineImage(index, image, (int(x0), int(y0), int(x1 - x0), int(y1 - y0))))
     return lines
