@@ -196,24 +196,21 @@ class FaultProxy:
 S3FaultProxy = FaultProxy
 
 
-class PgReplyCutter:
-    """A TCP proxy in front of PostgreSQL. ``cut_reply_to(marker)``: the next client message
-    holding ``marker`` (a piece of a statement's text) goes through to the server, which runs
-    and commits it; the server's reply is then dropped and both connections closed. The
-    client sees a connection lost in the middle of its statement, not knowing it committed."""
+class TcpProxy:
+    """A TCP proxy on a free local port: every connection is pumped both ways to ``upstream``
+    through :meth:`passes`, which a subclass overrides to delay or drop what goes by."""
 
     def __init__(self, host: str, port: int) -> None:
         self.upstream = (host, port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.marker: bytes | None = None
-        self.cuts = 0
+        self.url = f"http://127.0.0.1:{self.port}"
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def cut_reply_to(self, marker: str) -> None:
-        with self.lock:
-            self.marker = marker.encode()
+    def passes(self, data: bytes, from_client: bool, state: dict[str, bool]) -> bool:
+        """Whether ``data`` goes on (False closes both ends); ``state`` is the connection's."""
+        return True
 
     def _accept(self) -> None:
         while True:
@@ -222,22 +219,15 @@ class PgReplyCutter:
                 server = socket.create_connection(self.upstream)
             except OSError:
                 return
-            state = {"armed": False}
+            state: dict[str, bool] = {}
             threading.Thread(target=self._pump, args=(client, server, state, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, state, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, state: dict[str, bool], from_client: bool) -> None:
         try:
             while data := src.recv(1 << 16):
-                if from_client:
-                    with self.lock:
-                        if self.marker is not None and self.marker in data:
-                            self.marker = None
-                            state["armed"] = True
-                elif state["armed"]:
-                    with self.lock:
-                        self.cuts += 1
-                    break  # the reply is lost: close both ends
+                if not self.passes(data, from_client, state):
+                    break
                 dst.sendall(data)
         except OSError:
             pass
@@ -250,3 +240,31 @@ class PgReplyCutter:
 
     def close(self) -> None:
         self.listener.close()
+
+
+class PgReplyCutter(TcpProxy):
+    """A TCP proxy in front of PostgreSQL. ``cut_reply_to(marker)``: the next client message
+    holding ``marker`` (a piece of a statement's text) goes through to the server, which runs
+    and commits it; the server's reply is then dropped and both connections closed. The
+    client sees a connection lost in the middle of its statement, not knowing it committed."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.marker: bytes | None = None
+        self.cuts = 0
+        super().__init__(host, port)
+
+    def cut_reply_to(self, marker: str) -> None:
+        with self.lock:
+            self.marker = marker.encode()
+
+    def passes(self, data: bytes, from_client: bool, state: dict[str, bool]) -> bool:
+        with self.lock:
+            if from_client:
+                if self.marker is not None and self.marker in data:
+                    self.marker = None
+                    state["armed"] = True
+                return True
+            if state.get("armed"):
+                self.cuts += 1
+                return False  # the reply is lost: close both ends
+        return True

@@ -12,9 +12,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +29,7 @@ from bec.devstack import moto as motostack
 from bec.devstack import postgres as pgstack
 from bec.devstack.volumes import ensure_bucket
 from bec.ids import queue_names
+from faultproxy import TcpProxy
 from conftest import DEST_BUCKET, SOURCE_BUCKET, Stack, stack_env
 from workerkit import (JOB, add_repeated_volume, add_volumes, enqueue, long_volumes, read_parquet, setup_job,
                        start_worker, tasks)
@@ -325,52 +324,26 @@ def test_connection_exhaustion_is_a_clear_error_then_waited_out(pg_stack, privat
 
 
 # -- 4. slow S3 --------------------------------------------------------------------------------
-class SlowProxy:
+class SlowProxy(TcpProxy):
     """A TCP proxy in front of moto that can hold every HTTP request for ``delay`` seconds."""
 
     METHODS = (b"GET ", b"PUT ", b"POST", b"HEAD", b"DELE")
 
     def __init__(self, upstream: str) -> None:
         host, port = upstream.rsplit("//", 1)[1].split(":")
-        self.upstream = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.delay = 0.0
         self.requests = self.delayed = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(host, int(port))
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-                upstream = socket.create_connection(self.upstream)
-            except OSError:
-                return
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if from_client and data[:4] in self.METHODS:
-                    delay = self.delay
-                    with self.lock:
-                        self.requests += 1
-                        self.delayed += delay > 0
-                    if delay:
-                        time.sleep(delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            src.close()
-
-    def close(self) -> None:
-        self.listener.close()
+    def passes(self, data: bytes, from_client: bool, state: dict[str, bool]) -> bool:
+        if from_client and data[:4] in self.METHODS:
+            delay = self.delay
+            with self.lock:
+                self.requests += 1
+                self.delayed += delay > 0
+            if delay:
+                time.sleep(delay)
+        return True
 
 
 def test_slow_s3_is_waited_out(stack):
