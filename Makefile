@@ -31,12 +31,12 @@ bench: venv
 # The shipped small model, retrained from scratch on generated pages (CPU, under 45 min):
 # exactly how bec/ldv1/weights/small.pth was made.
 train: venv
-	nice -n 10 $(VENV)/bin/python -m bec.ldv1.train
+	nice -n 10 $(VENV)/bin/python -m bec.tools.train_ldv1
 
 # The line counts on real pages, against their true counts (read by path, never copied here).
 REAL_DIR ?= ../shared/real-dev
 eval-real: venv
-	$(VENV)/bin/python -m bec.ldv1.evaluate_real $(REAL_DIR) benchmarks/real-dev-counts.csv
+	$(VENV)/bin/python -m bec.tools.evaluate_real $(REAL_DIR) benchmarks/real-dev-counts.csv
 
 # What a bare, offline GPU machine needs for benchmarks/device_check.sh (see that script).
 device-kit:

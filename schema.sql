@@ -1,1 +1,1 @@
-bec/schema.sql
+bec/control/schema.sql

@@ -7,11 +7,11 @@ import time
 from typing import Any
 
 from benchmarks import pagework as W
-from bec.archive import volume_prefix
+from bec.edges.archive import volume_prefix
 
 
 def _client(source: str, region: str) -> Any:
-    from bec.localarchive import source_client
+    from bec.edges.localarchive import source_client
 
     return source_client(source, region)
 
@@ -19,7 +19,7 @@ def _client(source: str, region: str) -> Any:
 def sequential(items: list[tuple[str, str, str, Any]], source: str, region: str, segmenter: Any,
                cfg: dict[str, Any]) -> dict[str, Any]:
     """fetch → decode → infer → post, one page after the other; Parquet per volume."""
-    from bec import artifacts
+    from bec.edges import artifacts
 
     client = _client(source, region)
     started = time.perf_counter()
@@ -63,7 +63,7 @@ def dataloader(items: list[tuple[str, str, str, Any]], source: str, region: str,
                cfg: dict[str, Any], workers: int, batch_pages: int = 8) -> dict[str, Any]:
     import torch.utils.data
 
-    from bec import artifacts
+    from bec.edges import artifacts
 
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     os.environ.update(env)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bec.archive import MANIFEST, volume_prefix
+from bec.edges.archive import MANIFEST, volume_prefix
 
 KIND_WEIGHTS = {"jpeg_rgb": 0.35, "jpeg_gray": 0.35, "tiff_g4": 0.30}
 GEOMETRY_WEIGHTS = {"straight": 0.8, "bent": 0.1, "skewed": 0.1}
@@ -64,7 +64,7 @@ class Corpus:
 
 def _render(kind: str, geometry: str, rng: np.random.Generator) -> Page:
     from bec.devstack.volumes import geometry_args
-    from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
+    from bec.tools.synth import encode_jpeg, encode_tiff_g4, generate_page
 
     capture = {"jpeg_rgb": "photo", "jpeg_gray": "scan", "tiff_g4": "bilevel"}[kind]
     synth = generate_page(rng, capture=capture, **geometry_args(geometry, rng))

@@ -37,7 +37,7 @@ fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   python3 -c "import torch, cv2, PIL; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('opencv', cv2.__version__, 'pillow', PIL.__version__)"
-  python3 -c "from bec import imaging; print('turbojpeg', 'yes' if imaging._TURBO else 'NO (Pillow decodes JPEG)')"
+  python3 -c "from bec.edges import imaging; print('turbojpeg', 'yes' if imaging._TURBO else 'NO (Pillow decodes JPEG)')"
   echo "cores $(nproc)"
 } 2>&1 | tee "$RESULTS/gpu.txt"
 

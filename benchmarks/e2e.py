@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from bec.db import Database
+from bec.control.db import Database
 from bec.devstack.moto import free_port
 
 

@@ -74,7 +74,7 @@ def _local_stack(tmp: Path) -> tuple[e2e.Stack, Any, list]:
     import boto3
 
     from bec.config import DbParams
-    from bec.db import Database
+    from bec.control.db import Database
     from bec.devstack import moto as motostack
     from bec.devstack import postgres as pgstack
 

@@ -56,7 +56,7 @@ def _bec() -> list[str]:
 # -- the corpus --------------------------------------------------------------------------------
 def build_corpus(s3: Any, pages: int, volumes: int, kinds: list[str], seed: int) -> list[tuple[str, str, str]]:
     """Upload the volumes; returns (w, i, key) per page, in order."""
-    from bec.archive import volume_prefix
+    from bec.edges.archive import volume_prefix
     from bec.devstack.volumes import make_volume
 
     keys = []
@@ -119,7 +119,7 @@ def ocr_alone(items: list[tuple[Any, Any]], procs: int, lines_from: bool) -> dic
 
 # -- the sequential baseline --------------------------------------------------------------------
 def sequential(s3: Any, keys: list[tuple[str, str, str]], givens: list[Any], lines_from: bool) -> dict[str, Any]:
-    from bec import imaging
+    from bec.edges import imaging
 
     _init_reader(lines_from)
     _read((_decoded(s3, keys[0]), givens[0]))                # the engine warm, as in the pool
@@ -134,7 +134,7 @@ def sequential(s3: Any, keys: list[tuple[str, str, str]], givens: list[Any], lin
 
 
 def _decoded(s3: Any, key: tuple[str, str, str]) -> Any:
-    from bec import imaging
+    from bec.edges import imaging
 
     return imaging.decode(s3.get_object(Bucket=SOURCE, Key=key[2])["Body"].read(), 120_000_000).gray
 
@@ -216,7 +216,7 @@ def _rates(name: str, pages: int, lines: int, seconds: float, procs: int, cpu_s:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from bec.ldv1.synth import KINDS
+    from bec.tools.synth import KINDS
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ocr", description=__doc__.split("\n")[0])
     ap.add_argument("--pages", type=int, default=48)
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ["--model-path", str(shipped_model()), "--procs", str(args.procs)], tmp / "ldv1.log")
             givens = []
             for w, i in volumes:
-                from bec.archive import read_manifest
+                from bec.edges.archive import read_manifest
 
                 manifest = read_manifest(s3, SOURCE, w, i)
                 got = read_volume_lines(s3, "bench-artifacts", "ldv1", w, i, manifest.version,

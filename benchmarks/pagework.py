@@ -1,7 +1,7 @@
 """The per-page work of the pipeline, as plain functions, for stage-alone runs and baselines.
 
-Built from the very primitives the worker's processes use (``bec.imaging``,
-``bec.ldv1.preprocess``, the segmenter, ``find_lines``, ``bec.artifacts``), so a stage
+Built from the very primitives the worker's processes use (``bec.edges.imaging``,
+``bec.ldv1.preprocess``, the segmenter, ``find_lines``, ``bec.edges.artifacts``), so a stage
 measured alone or a baseline loop does the same work as the pipeline does per page.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from bec import artifacts, imaging
-from bec.archive import volume_prefix  # noqa: F401 - re-exported for the benchmark
+from bec.edges import artifacts, imaging
+from bec.edges.archive import volume_prefix  # noqa: F401 - re-exported for the benchmark
 from bec.ldv1.config import Ldv1Config
 from bec.ldv1.correction import NONE, Correction, correct_frame
 from bec.ldv1.postprocess import find_lines, plan_correction

@@ -45,7 +45,7 @@ _state: dict[str, Any] = {}
 
 def _init_fetch(source: str, region: str, threads: int, env: dict[str, str]) -> None:
     os.environ.update(env)
-    from bec.localarchive import source_client
+    from bec.edges.localarchive import source_client
 
     _state["client"] = source_client(source, region, pool=threads + 2)
     _state["source"] = source
@@ -142,7 +142,7 @@ def decoders_side_by_side(datas: list[bytes], kinds: list[str]) -> dict[str, Any
             fn(d)
         return (time.perf_counter() - t) * 1000 / len(jpegs)
 
-    from bec import imaging
+    from bec.edges import imaging
 
     if imaging._TURBO is not None:
         tj = imaging._TURBO
@@ -387,7 +387,7 @@ def host_to_device(frames: list[W.Frame], device: str) -> list[StageResult]:
 
 
 def parquet(outcomes: list, per_volume: int) -> StageResult:
-    from bec import artifacts
+    from bec.edges import artifacts
 
     t, c = time.perf_counter(), time.process_time()
     size = 0

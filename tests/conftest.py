@@ -21,7 +21,7 @@ import boto3
 import pytest
 
 from bec.config import DbParams
-from bec.db import Database
+from bec.control.db import Database
 from bec.devstack import moto as motostack
 from bec.devstack import postgres as pgstack
 

@@ -9,7 +9,7 @@ import psycopg
 from psycopg import sql
 
 from bec.config import DbParams
-from bec.db import Database
+from bec.control.db import Database
 from bec.errors import DatabaseUnavailable
 
 

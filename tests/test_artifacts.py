@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bec.artifacts import PageOutcome, parquet_bytes
+from bec.edges.artifacts import PageOutcome, parquet_bytes
 
 POINT = pa.struct([("x", pa.int16()), ("y", pa.int16())])
 BOX = pa.struct([("x", pa.int16()), ("y", pa.int16()), ("w", pa.int16()), ("h", pa.int16())])

@@ -31,13 +31,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bec import archive, imaging
-from bec.archive import MAX_FILENAME, parse_manifest, volume_prefix
+from bec.edges import archive, imaging
+from bec.edges.archive import MAX_FILENAME, parse_manifest, volume_prefix
 from bec.errors import BadInput, PageError, PoisonMessage, RetryableError, TerminalError
-from bec.ids import (I_ID, JOB_NAME, MAX_ID_LENGTH, MAX_JOB_NAME_LENGTH, W_ID, check_i_id, check_job_name,
+from bec.control.ids import (I_ID, JOB_NAME, MAX_ID_LENGTH, MAX_JOB_NAME_LENGTH, W_ID, check_i_id, check_job_name,
                      check_w_id, queue_names)
-from bec.lifecycle import MAX_BODY, parse_body
-from bec.volume_list import parse_lines, parse_volume
+from bec.control.lifecycle import MAX_BODY, parse_body
+from bec.control.volume_list import parse_lines, parse_volume
 
 MAX_PIXELS = 120_000_000
 # BEC_HYPOTHESIS_EXAMPLES=5000 for a long shake-out; 150 keeps CI quick
@@ -94,7 +94,7 @@ def test_parse_body_rejects_with_a_clear_reason(text, reason):
 
 
 def test_dlq_reason_keeps_only_characters_sqs_accepts():
-    from bec.lifecycle import sqs_text
+    from bec.control.lifecycle import sqs_text
 
     assert sqs_text("ok é 一 \t\n\U0001F600") == "ok é 一 \t\n\U0001F600"
     assert sqs_text("a\x00b\ud800c\ufffed\x1f") == "a\ufffdb\ufffdc\ufffdd\ufffd"
@@ -649,7 +649,7 @@ def test_a_100k_page_volume_is_accepted_streamed_and_released(stack):
 
 def test_a_folder_source_does_not_read_a_file_over_its_limit(tmp_path):
     """As S3's answer: the length first, for the fetch to refuse before anything is read."""
-    from bec.localarchive import DirectoryS3
+    from bec.edges.localarchive import DirectoryS3
 
     (tmp_path / "big.tif").write_bytes(bytes(1000))
     (tmp_path / "small.tif").write_bytes(b"II*\x00")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from bec import artifacts, lifecycle, tasks
-from bec.archive import Manifest, ManifestEntry
+from bec.control import lifecycle, tasks
+from bec.edges import artifacts
+from bec.edges.archive import Manifest, ManifestEntry
 from bec.devstack.volumes import ensure_bucket
-from bec.lifecycle import Admission, Received, Services, Verdict
-from bec.volumefile import VolumeFile
+from bec.control.lifecycle import Admission, Received, Services, Verdict
+from bec.edges.volumefile import VolumeFile
 from clihelp import ok
 from conftest import DEST_BUCKET
 

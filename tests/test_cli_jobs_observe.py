@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bec import artifacts
+from bec.edges import artifacts
 from bec.devstack.volumes import ensure_bucket
 from clihelp import ok
 from conftest import DEST_BUCKET
@@ -73,7 +73,7 @@ def test_watch_measures_between_refreshes(stack):
 
 
 def test_smoothed_rate_follows_the_pages_done_between_refreshes():
-    from bec.throughput import SmoothedRate
+    from bec.present.throughput import SmoothedRate
 
     rate = SmoothedRate(time_constant_s=60)
     assert rate.update(1000.0, 5000, first_estimate=0.4) == 0.4 and not rate.measured

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bec import queues
+from bec.control import queues
 from clihelp import fails, ok
 
 

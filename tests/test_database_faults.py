@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from bec import db as dbmod
-from bec.db import Database
+from bec.control import db as dbmod
+from bec.control.db import Database
 from bec.errors import DatabaseUnavailable
 from dbfaults import admin_connection, read_only_database
 

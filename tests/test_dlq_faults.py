@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from bec.archive import volume_prefix
-from bec.artifacts import success_key
+from bec.edges.archive import volume_prefix
+from bec.edges.artifacts import success_key
 from bec.devstack.volumes import put_manifest
 from conftest import DEST_BUCKET, SOURCE_BUCKET
 from dbfaults import read_only_database

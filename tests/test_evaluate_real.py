@@ -1,4 +1,4 @@
-"""``python -m bec.ldv1.evaluate_real``: true vs found line counts on a folder of pages.
+"""``python -m bec.tools.evaluate_real``: true vs found line counts on a folder of pages.
 
 Real pages cannot live in the repository (nor in CI), so the command is run here on
 generated pages saved the way the archive stores them; the real-dev score is in the
@@ -18,15 +18,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("uharfbuzz")
 
-from bec.ldv1.evaluate_real import read_counts, within_tolerance  # noqa: E402
-from bec.ldv1.synth import EVAL_SEED_START, encode_jpeg, encode_tiff_g4, generate_page  # noqa: E402
+from bec.ldv1 import SHIPPED_WEIGHTS  # noqa: E402
+from bec.tools.evaluate_real import read_counts, within_tolerance  # noqa: E402
+from bec.tools.synth import EVAL_SEED_START, encode_jpeg, encode_tiff_g4, generate_page  # noqa: E402
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "bec" / "ldv1" / "weights" / "small.pth"
+WEIGHTS = SHIPPED_WEIGHTS
 REAL_DEV_COUNTS = Path(__file__).resolve().parents[1] / "benchmarks" / "real-dev-counts.csv"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bec.ldv1.evaluate_real", *args, "--threads", "2"],
+    return subprocess.run([sys.executable, "-m", "bec.tools.evaluate_real", *args, "--threads", "2"],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -60,7 +61,7 @@ def test_prints_each_page_and_the_shares(folder: tuple[Path, list[tuple[str, int
     from PIL import Image
 
     from bec.ldv1.checkpoint import load_checkpoint
-    from bec.ldv1.evaluate import count_lines, detect_lines
+    from bec.tools.evaluate_ldv1 import count_lines, detect_lines
 
     root, truth = folder
     # The last page's count is wrong on purpose (by 5): it can be neither exact nor within.

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bec.config import DbParams
 from bec.devstack.moto import free_port
-from bec.exporter import JobExporter
+from bec.observe.exporter import JobExporter
 from clihelp import ok
 from conftest import REGION
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bec.archive import volume_prefix
+from bec.edges.archive import volume_prefix
 from bec.devstack.moto import free_port
 from bec.devstack.volumes import put_manifest
 from conftest import SOURCE_BUCKET
@@ -90,7 +90,7 @@ def exported_names() -> set[str]:
     """Every sample name the worker and the exporter can export, from their own code."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from bec import exporter, metrics
+    from bec.observe import exporter, metrics
     from bec.ocr import metrics as ocr_metrics
     from bec.pipeline.supervisor import Supervisor
 

@@ -21,14 +21,15 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from bec import artifacts, queues
-from bec.archive import MANIFEST, volume_prefix
+from bec.control import queues
+from bec.edges import artifacts
+from bec.edges.archive import MANIFEST, volume_prefix
 from bec.config import DbParams
-from bec.db import Database
+from bec.control.db import Database
 from bec.devstack import moto as motostack
 from bec.devstack import postgres as pgstack
 from bec.devstack.volumes import ensure_bucket
-from bec.ids import queue_names
+from bec.control.ids import queue_names
 from faultproxy import TcpProxy
 from conftest import DEST_BUCKET, SOURCE_BUCKET, Stack, stack_env
 from workerkit import (JOB, add_repeated_volume, add_volumes, enqueue, long_volumes, read_parquet, setup_job,

@@ -14,9 +14,9 @@ import pytest
 
 from bec.ldv1.checkpoint import load_checkpoint
 from bec.ldv1.correction import correct_frame, corrected_page
-from bec.ldv1.evaluate import DEFAULT_WEIGHTS, detect_lines, to_frame
+from bec.tools.evaluate_ldv1 import DEFAULT_WEIGHTS, detect_lines, to_frame
 from bec.ldv1.postprocess import find_lines, plan_correction
-from bec.ldv1.synth import EVAL_SEED_START, generate_page
+from bec.tools.synth import EVAL_SEED_START, generate_page
 
 #: A straightened line's box is at most this many times its ink band's height.
 STRAIGHT = 2.0

@@ -5,7 +5,7 @@ right number of lines on generated pages, so that is asserted here on pages the 
 has never seen (seeds ≥ 1 000 000; training only uses seeds below), through the full
 production contract (frame, threshold, tiles, model, stitch, p > 0.85, find_lines,
 second pass on skewed pages). The generator's own promises are checked in
-``test_synth.py``; the score on real pages is ``python -m bec.ldv1.evaluate_real``
+``test_synth.py``; the score on real pages is ``python -m bec.tools.evaluate_real``
 (README, "The shipped line model").
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ torch = pytest.importorskip("torch")
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("uharfbuzz")
 
-from bec.ldv1.synth import EVAL_SEED_START  # noqa: E402
+from bec.ldv1 import SHIPPED_WEIGHTS  # noqa: E402
+from bec.tools.synth import EVAL_SEED_START  # noqa: E402
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "bec" / "ldv1" / "weights" / "small.pth"
+WEIGHTS = SHIPPED_WEIGHTS
 #: A block of unseen seeds kept apart from the one used while developing the model.
 TEST_SEEDS = range(2 * EVAL_SEED_START, 2 * EVAL_SEED_START + 20)
 
@@ -42,7 +43,7 @@ def small_model() -> torch.nn.Module:
     from bec.ldv1.checkpoint import load_checkpoint
 
     if not WEIGHTS.exists():
-        pytest.fail(f"shipped weights missing: {WEIGHTS} (python -m bec.ldv1.train)")
+        pytest.fail(f"shipped weights missing: {WEIGHTS} (python -m bec.tools.train_ldv1)")
     return load_checkpoint(WEIGHTS).module
 
 
@@ -65,7 +66,7 @@ def test_small_model_output_contract(small_model: torch.nn.Module, two_threads: 
 
 def test_small_model_counts_lines_on_unseen_pages(small_model: torch.nn.Module,
                                                   two_threads: None) -> None:
-    from bec.ldv1.evaluate import evaluate
+    from bec.tools.evaluate_ldv1 import evaluate
 
     # The font-rendered pages (string holes, wide blanks, 40-line tables of contents) are far
     # harder than the stroke pages the first model scored 90 % on; counted as text lines

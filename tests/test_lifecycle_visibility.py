@@ -6,8 +6,8 @@ import threading
 import time
 from typing import Any
 
-from bec import lifecycle
-from bec.lifecycle import Admission, Received, Services, Verdict
+from bec.control import lifecycle
+from bec.control.lifecycle import Admission, Received, Services, Verdict
 
 
 class RecordingSqs:

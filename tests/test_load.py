@@ -19,9 +19,9 @@ import numpy as np
 import psutil
 import pytest
 
-from bec.archive import volume_prefix
+from bec.edges.archive import volume_prefix
 from bec.devstack.volumes import render
-from bec.telemetry import resident_memory
+from bec.observe.telemetry import resident_memory
 from workerkit import (no_shm_leak,  # noqa: F401 - fixture
                        SOURCE_BUCKET, enqueue, link_folder_volume, queue_counts, read_parquet, setup_job,
                        shm_entries, start_worker, tasks)

@@ -13,10 +13,11 @@ from dataclasses import replace
 import botocore.exceptions
 import pytest
 
-from bec import aws, lifecycle, tasks
+from bec.control import lifecycle, tasks
+from bec.edges import aws
 from bec.errors import RetryableError, StorageUnavailable
-from bec.volumefile import VolumeFile
-from bec.lifecycle import Received, Services, Verdict
+from bec.edges.volumefile import VolumeFile
+from bec.control.lifecycle import Received, Services, Verdict
 from conftest import DEST_BUCKET, REGION, SOURCE_BUCKET
 from dbfaults import FlakyDatabase
 from faultproxy import EXPIRED, PASS, RESET, S3FaultProxy
@@ -201,7 +202,7 @@ def test_a_refused_visibility_extension_is_logged(stack, world, caplog):
     svc = services(stack, world)
     message = send_volume(stack, world)
     stack.sqs.delete_message(QueueUrl=world["q"]["queue"], ReceiptHandle=message.receipt)  # gone meanwhile
-    with caplog.at_level(logging.WARNING, logger="bec.lifecycle"):
+    with caplog.at_level(logging.WARNING, logger="bec.control.lifecycle"):
         assert lifecycle.extend_visibility(svc, [message], 300) == []
     assert f"visibility extension of message {message.message_id} refused (ReceiptHandleIsInvalid" in caplog.text
 
@@ -215,7 +216,7 @@ def test_extensions_stop_at_sqs_12_hour_limit(stack, world, caplog):
     [(extended, seconds)] = lifecycle.extend_visibility(svc, [near], 300)
     assert extended is near and 0 < seconds <= 200 - lifecycle.VISIBILITY_CAP_MARGIN_S
     past = replace(message, received_at=time.monotonic() - lifecycle.MAX_VISIBILITY_S)
-    with caplog.at_level(logging.WARNING, logger="bec.lifecycle"):
+    with caplog.at_level(logging.WARNING, logger="bec.control.lifecycle"):
         assert lifecycle.extend_visibility(svc, [past], 300) == []
         assert lifecycle.extend_visibility(svc, [past], 300) == []
     assert caplog.text.count("reached SQS's 12-hour visibility limit") == 1

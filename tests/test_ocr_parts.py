@@ -12,9 +12,9 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("uharfbuzz")
 
-from bec import artifacts  # noqa: E402
+from bec.edges import artifacts  # noqa: E402
 from bec.ldv1.correction import Correction, correct_frame, corrected_page  # noqa: E402
-from bec.ldv1.synth import page_for_seed  # noqa: E402
+from bec.tools.synth import page_for_seed  # noqa: E402
 from bec.ocr.cutting import PAPER, QUIET_ZONE, cut_lines  # noqa: E402
 
 
@@ -155,7 +155,7 @@ def test_transcripts_and_the_character_error_rate(tmp_path):
 def test_generated_pages_carry_each_lines_text():
     """OCR ground truth: one text per labelled line, in line order, made of the Tibetan the page
     was drawn with (book headers and tables of contents carry their page numbers too)."""
-    from bec.jobkinds import kind_name
+    from bec.control.jobkinds import kind_name
 
     for kind in ("pecha", "book", "toc"):
         page = page_for_seed(1_000_100, kind, "scan")

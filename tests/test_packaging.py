@@ -29,4 +29,4 @@ def test_readme_opens_with_demo_and_test_commands():
 
 
 def test_schema_file_at_top_level_is_the_packaged_one():
-    assert (ROOT / "schema.sql").read_text() == (ROOT / "bec" / "schema.sql").read_text()
+    assert (ROOT / "schema.sql").read_text() == (ROOT / "bec" / "control" / "schema.sql").read_text()

@@ -13,8 +13,8 @@ import signal
 import botocore.exceptions
 import pytest
 
-from bec import artifacts
-from bec.archive import volume_prefix
+from bec.edges import artifacts
+from bec.edges.archive import volume_prefix
 from bec.devstack.volumes import put_manifest
 from conftest import DEST_BUCKET, SOURCE_BUCKET
 from faultproxy import FaultProxy
@@ -211,7 +211,7 @@ def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
     (ConnectionResetError(104, "Connection reset by peer"), "s3_unreachable", True),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_a_page_get_failure_is_classified_once(exc, kind, transient):
-    from bec.aws import page_get_error
+    from bec.edges.aws import page_get_error
 
     error = page_get_error(exc, "archive.tbrc.org", "Works/x/p1.jpg")
     assert (error.stage, error.kind, error.transient) == ("fetch", kind, transient)
@@ -231,7 +231,7 @@ def test_page_error_kinds_of_the_pipeline_are_classified():
 # -- the knob's new name ---------------------------------------------------------------------------------
 def test_the_retry_threshold_is_max_transient_error_ratio():
     from bec.errors import ConfigError
-    from bec.jobkinds import validate_config
+    from bec.control.jobkinds import validate_config
     from bec.ldv1.config import Ldv1Config
 
     assert Ldv1Config().max_transient_error_ratio == 0.1

@@ -16,7 +16,7 @@ import subprocess
 import psutil
 import pytest
 
-from bec import artifacts
+from bec.edges import artifacts
 from bec.devstack.moto import free_port
 from clihelp import bec, fails, ok
 from conftest import DEST_BUCKET, SOURCE_BUCKET

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ENABLE = "from bec import telemetry; print(telemetry.enable(), flush=True); "
+ENABLE = "from bec.observe import telemetry; print(telemetry.enable(), flush=True); "
 
 
 def python(code: str, tmp: Path, **kw) -> subprocess.Popen:
@@ -26,7 +26,7 @@ def test_a_killed_owners_metrics_folder_is_removed_by_the_next_start(tmp_path):
     live = Path(alive.stdout.readline().strip())
     try:
         assert not orphan.exists()                 # the second start removed the orphan
-        nxt = python("from bec import telemetry; f = telemetry.enable(); print(f, flush=True); "
+        nxt = python("from bec.observe import telemetry; f = telemetry.enable(); print(f, flush=True); "
                      "telemetry.cleanup(f)", tmp_path)
         mine = Path(nxt.stdout.readline().strip())
         assert nxt.wait(30) == 0
@@ -38,7 +38,7 @@ def test_a_killed_owners_metrics_folder_is_removed_by_the_next_start(tmp_path):
 
 
 def test_a_folder_of_an_older_bec_is_removed_only_once_its_pid_is_gone(tmp_path):
-    from bec import telemetry
+    from bec.observe import telemetry
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bec import artifacts
-from bec.volumefile import Resume, VolumeFile
+from bec.edges import artifacts
+from bec.edges.volumefile import Resume, VolumeFile
 
 META = {"bec.model.sha256": "abc", "bec.model.name": "m", "bec.config.sha256": "cfg"}
 
@@ -132,9 +132,9 @@ def test_a_long_volume_is_written_in_row_groups_with_bounded_results_held(stack,
     """A real worker on a 700-page volume (a folder archive: no uploads) with error rows along
     the way: the controller holds at most 2 × slots + one row group of results, never the
     volume, and the Parquet is one file in manifest order, error rows in place."""
-    from bec.archive import MANIFEST, volume_prefix
+    from bec.edges.archive import MANIFEST, volume_prefix
     from bec.devstack.volumes import manifest_bytes
-    from bec.volumefile import ROW_GROUP_PAGES
+    from bec.edges.volumefile import ROW_GROUP_PAGES
     from workerkit import add_repeated_folder_volume, enqueue, read_parquet, run_worker, setup_job, tasks
 
     n = 700

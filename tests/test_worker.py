@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bec.archive import volume_prefix
+from bec.edges.archive import volume_prefix
 from bec.devstack.volumes import put_manifest
 from bec.ldv1.preprocess import frame_size
 from clihelp import ok
@@ -80,8 +80,8 @@ def test_an_unreadable_success_marker_is_processed_again(stack):
     """success.json means done, but one that is not a JSON object (written by hand, damaged)
     tells nothing: the volume is processed again and a true marker written, instead of a
     done row with 0 images."""
-    from bec import artifacts
-    from bec.archive import read_manifest
+    from bec.edges import artifacts
+    from bec.edges.archive import read_manifest
 
     q = setup_job(stack)
     [(w, i)] = vols = add_volumes(stack, 1, pages=3)
@@ -237,7 +237,7 @@ def test_bad_pages_become_error_rows(stack):
     assert sum(p["ok"] for p in pages) == 2
     # what every row has, failed ones included, the file's schema promises (non-null)
     import pyarrow.parquet as pq
-    from bec import artifacts
+    from bec.edges import artifacts
     body = stack.s3.get_object(Bucket=DEST_BUCKET, Key=artifacts.parquet_key("ldv1", w, i, row["s3_etag"]))["Body"]
     schema = pq.read_schema(io.BytesIO(body.read()))
     assert {f.name for f in schema if not f.nullable} == {
@@ -325,9 +325,9 @@ def test_a_rewritten_manifest_in_a_folder_source_is_a_new_version(stack, tmp_pat
     size: its first six digits change every ~18 minutes, so a manifest rewritten within them
     (same size) kept its version and the volume was skipped as done. It is the content's MD5
     now, as S3's ETag is."""
-    from bec.archive import read_manifest
+    from bec.edges.archive import read_manifest
     from bec.devstack.volumes import manifest_bytes
-    from bec.localarchive import DirectoryS3
+    from bec.edges.localarchive import DirectoryS3
     from workerkit import link_folder_volume
 
     root = tmp_path / "archive"

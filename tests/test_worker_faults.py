@@ -227,8 +227,8 @@ def test_heartbeat_advances_while_working(stack):
 
 def test_a_volume_held_by_a_worker_that_goes_silent_is_taken_over_by_a_running_worker(stack):
     """The message of a volume running elsewhere is looked at again once the holder could be stale."""
-    from bec import tasks as task_sql
-    from bec.archive import read_manifest
+    from bec.control import tasks as task_sql
+    from bec.edges.archive import read_manifest
     from workerkit import SOURCE_BUCKET
 
     q = setup_job(stack)

@@ -129,7 +129,7 @@ def test_lines_from_ldv1_wait_for_ldv1_then_read_its_lines(stack):
     ldv1's corrected page: every line's index is one of ldv1's, and the text is close to the
     truth; a page whose image changed since ldv1 read it is an error row, not read on lines
     that may not be its own."""
-    from bec.archive import volume_prefix
+    from bec.edges.archive import volume_prefix
 
     q = create_ocr(stack, {"lines_from": "ldv1", "max_transient_error_ratio": 0.4})
     ldv1 = setup_job(stack)

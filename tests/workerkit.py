@@ -18,7 +18,7 @@ import psutil
 import pytest
 import pyarrow.parquet as pq
 
-from bec import artifacts
+from bec.edges import artifacts
 from bec.devstack.volumes import ensure_bucket, make_volume
 from conftest import DEST_BUCKET, SOURCE_BUCKET, Stack
 
@@ -191,7 +191,7 @@ def read_success(stack: Stack, w: str, i: str, version: str, job: str = JOB) -> 
 
 
 def manifest(stack: Stack, w: str, i: str) -> list[dict[str, Any]]:
-    from bec.archive import MANIFEST, volume_prefix
+    from bec.edges.archive import MANIFEST, volume_prefix
 
     body = stack.s3.get_object(Bucket=SOURCE_BUCKET, Key=volume_prefix(w, i) + MANIFEST)["Body"].read()
     return json.loads(gzip.decompress(body))
@@ -207,7 +207,7 @@ def add_repeated_volume(stack: Stack, w: str, i: str, pages: int, seed: int = 7)
     """A long volume made fast: one generated page uploaded ``pages`` times."""
     import numpy as np
 
-    from bec.archive import volume_prefix
+    from bec.edges.archive import volume_prefix
     from bec.devstack.volumes import put_manifest, render
 
     data, page = render("jpeg_gray", np.random.default_rng(seed))
@@ -224,7 +224,7 @@ def link_folder_volume(root: Path, w: str, i: str, originals: list[tuple[Path, s
     """A volume in a folder archive (``--s3-source-bucket file://<root>``) whose pages are hard
     links to ``originals`` ((path, extension, (height, width))) in turn: thousands of pages cost
     a few files on disk and no uploads."""
-    from bec.archive import MANIFEST, volume_prefix
+    from bec.edges.archive import MANIFEST, volume_prefix
     from bec.devstack.volumes import manifest_bytes
 
     folder = root / volume_prefix(w, i)

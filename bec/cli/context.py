@@ -13,10 +13,10 @@ from typing import Any
 import click
 from rich.console import Console
 
-from bec import aws
+from bec.edges import aws
 from bec.config import Settings
-from bec.db import Database
-from bec.ids import check_job_name
+from bec.control.db import Database
+from bec.control.ids import check_job_name
 
 PIPED_WIDTH = 160
 
@@ -90,7 +90,7 @@ def stale_after_setting(app: AppContext, option: float | None) -> float:
     """When a worker counts as dead for the commands that show workers and tasks: the option,
     else ``BEC_STALE_AFTER`` (the worker's own setting), else the worker's default."""
     from bec.errors import BadInput
-    from bec.jobs import STALE_AFTER_S
+    from bec.control.jobs import STALE_AFTER_S
 
     if option is not None:
         return option

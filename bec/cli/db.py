@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from bec.cli.context import AppContext, out, pass_app
-from bec.db import Database
+from bec.control.db import Database
 
 
 @click.group()

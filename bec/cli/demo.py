@@ -1,7 +1,7 @@
 """``bec demo``: the whole system on the local stack, with pictures of what it found.
 
 Brings the local stack up, generates BDRC-layout volumes of archive-like Tibetan pages
-(``bec.ldv1.synth``: pechas, book pages, tables of contents; JPEG and Group 4 TIFF) into
+(``bec.tools.synth``: pechas, book pages, tables of contents; JPEG and Group 4 TIFF) into
 the archive bucket, creates job ``ldv1`` with the shipped model,
 enqueues the volumes, runs ``bec worker --procs 2`` to completion, prints the job's
 statistics; then job ``ocr`` reads the text of every page on ldv1's lines (``lines_from``)
@@ -57,7 +57,7 @@ def _drain_leftovers(state: stack.StackState, job: str = JOB) -> None:
 def _fresh_job(state: stack.StackState, s3: object, job: str, config: str, volumes: list[tuple[str, str]]) -> None:
     """Job ``job`` created anew, without the artifacts an earlier demo left (the worker would skip
     those volumes) or messages it left in the queue."""
-    from bec.db import Database
+    from bec.control.db import Database
     from bec.devstack import stack
 
     with Database(state.db_params(), max_size=1) as db:
@@ -74,7 +74,7 @@ def _fresh_job(state: stack.StackState, s3: object, job: str, config: str, volum
 def _run_worker(state: stack.StackState, job: str, procs: int, log_path: Path, n_volumes: int) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from bec.db import Database
+    from bec.control.db import Database
 
     exe = str(Path(sys.executable).with_name("bec"))
     with log_path.open("w") as log_fh:
@@ -108,11 +108,11 @@ def command(n_volumes: int, pages: int, procs: int, out_dir: str, model_path: st
     # (pyarrow, numpy, the image stack) would add ~0.12 s to each.
     import boto3
 
-    from bec import artifacts
-    from bec.db import Database
+    from bec.edges import artifacts
+    from bec.control.db import Database
     from bec.devstack import stack
     from bec.devstack.volumes import make_volume
-    from bec.gallery import index_html, render_volume
+    from bec.present.gallery import index_html, render_volume
 
     out.rule("BEC demo")
     out.print("1. Local stack (moto S3/SQS + PostgreSQL)")

@@ -1,4 +1,4 @@
-"""``bec exporter``: the job-level Prometheus endpoint (queues, task counts; see bec.exporter)."""
+"""``bec exporter``: the job-level Prometheus endpoint (queues, task counts; see bec.observe.exporter)."""
 from __future__ import annotations
 
 import logging
@@ -32,9 +32,9 @@ def command(app: AppContext, port: int, addr: str, interval: float, stale_after:
     """Export every job's queue depth, DLQ and task counts for Prometheus."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from bec import aws
-    from bec.exporter import JobExporter
-    from bec.logs import setup_logging
+    from bec.edges import aws
+    from bec.observe.exporter import JobExporter
+    from bec.observe.logs import setup_logging
 
     setup_logging(json_lines=log_json)
     # the pool logs every failed reconnection; the exporter's own warning says it once per refresh

@@ -15,12 +15,13 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from bec import aws, jobs as jobstore, queues
+from bec.control import jobs as jobstore, queues
+from bec.edges import aws
 from bec.cli.context import AppContext, err, out, pass_app, stale_after_setting, valid_job_name
 from bec.errors import BadInput, BecError, Unavailable, page_error_class
-from bec.ids import check_i_id, check_job_name, check_w_id, queue_names
-from bec.jobkinds import validate_config
-from bec.throughput import TIME_CONSTANT_S, SmoothedRate
+from bec.control.ids import check_i_id, check_job_name, check_w_id, queue_names
+from bec.control.jobkinds import validate_config
+from bec.present.throughput import TIME_CONSTANT_S, SmoothedRate
 
 
 @click.group()
@@ -272,7 +273,7 @@ def _watch_view(app: AppContext, job: jobstore.Job, interval: float, rate: Smoot
                 stale_after_s: float) -> Any:
     from rich.console import Group
 
-    from bec.exporter import queue_depth
+    from bec.observe.exporter import queue_depth
 
     db = app.db
     parts: list[Any] = [Text(f"Job Statistics: {job.name} (id={job.id})"), Text(""),
@@ -391,7 +392,7 @@ def _when(value: Any) -> str:
 def read_markers(s3: Any, bucket: str, job: str,
                  rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None, str]]:
     """Each row's success.json (in parallel): (row, marker or None, why it could not be read)."""
-    from bec.artifacts import success_key
+    from bec.edges.artifacts import success_key
 
     def fetch(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
         key = success_key(job, row["w_id"], row["i_id"], row["version"])
@@ -423,7 +424,7 @@ def _volume_option(ctx: click.Context, param: click.Parameter, value: str | None
 
 def _page_error_list(row: dict[str, Any], marker: dict[str, Any], bucket: str, job: str) -> None:
     """One volume's failed pages, grouped by type, from its success.json."""
-    from bec.artifacts import parquet_key
+    from bec.edges.artifacts import parquet_key
 
     out.print()
     out.print(f"Page errors of {row['w_id']}/{row['i_id']} version {row['version']} (done at attempt "

@@ -9,10 +9,11 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bec import aws, jobs as jobstore, queues, volume_list
+from bec.control import jobs as jobstore, queues, volume_list
+from bec.edges import aws
 from bec.cli.context import AppContext, err, out, pass_app, valid_job_name
 from bec.errors import BadInput
-from bec.ids import check_job_name
+from bec.control.ids import check_job_name
 
 PROGRESS_FROM = 200  # show a progress bar from this many messages on
 

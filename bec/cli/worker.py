@@ -10,12 +10,13 @@ from typing import Any
 
 import click
 
-from bec import aws, jobs as jobstore, queues, tasks
+from bec.control import jobs as jobstore, queues, tasks
+from bec.edges import aws
 from bec.cli.context import AppContext, pass_app, valid_job_name
 from bec.errors import BadInput
-from bec.ids import check_job_name
-from bec.jobkinds import KINDS, kind_of
-from bec.telemetry import LOCAL_ONLY
+from bec.control.ids import check_job_name
+from bec.control.jobkinds import KINDS, kind_of
+from bec.observe.telemetry import LOCAL_ONLY
 
 log = logging.getLogger("bec.worker")
 
@@ -96,7 +97,7 @@ def _setting(app: AppContext, value: Any, env: str, default: Any, cast: type = s
 @pass_app
 def command(app: AppContext, job_name: str, **opts: Any) -> None:
     """Run a worker for a job: poll its queue, process volumes, write artifacts."""
-    from bec import telemetry
+    from bec.observe import telemetry
 
     folder = telemetry.enable()  # before anything creates a metric
     try:
@@ -108,7 +109,7 @@ def command(app: AppContext, job_name: str, **opts: Any) -> None:
 def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
     """Both buckets exist, and a missing object reads as missing, before the first volume is
     taken (see ``aws.check_bucket``)."""
-    from bec.localarchive import is_local, local_root
+    from bec.edges.localarchive import is_local, local_root
 
     s3 = aws.client("s3", region, max_attempts=2)
     checks = [(dest_bucket, "destination", "--s3-dest-bucket / BEC_DEST_S3_BUCKET")]
@@ -125,7 +126,7 @@ def _check_buckets(region: str, source_bucket: str, dest_bucket: str) -> None:
 
 
 def _run_worker(app: AppContext, job_name: str, opts: dict[str, Any]) -> None:
-    from bec.logs import setup_logging
+    from bec.observe.logs import setup_logging
     from bec.pipeline.child import PipelineSpec
     from bec.pipeline.slots import SlotPool
     from bec.pipeline.supervisor import Supervisor, new_namespace, slot_count

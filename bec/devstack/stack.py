@@ -26,7 +26,7 @@ import boto3
 import psycopg
 
 from bec.config import DbParams
-from bec.db import Database
+from bec.control.db import Database
 from bec.devstack import moto as motostack
 from bec.devstack import postgres as pgstack
 
@@ -59,7 +59,8 @@ def database_name(folder: Path | None = None) -> str:
 
 
 def shipped_model() -> Path:
-    return Path(__file__).resolve().parents[1] / "ldv1" / "weights" / "small.pth"
+    from bec.ldv1 import SHIPPED_WEIGHTS
+    return SHIPPED_WEIGHTS
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Generated volumes in the archive's layout (DESIGN §2), for tests, the demo and benchmarks.
 
-Each volume gets archive-like pages from ``bec.ldv1.synth`` (pechas, woodblocks,
+Each volume gets archive-like pages from ``bec.tools.synth`` (pechas, woodblocks,
 manuscripts, book pages, tables of contents in real Tibetan script) stored the way the
 archive stores them — RGB JPEG of a photograph, grayscale JPEG of a scan, Group 4
 bilevel TIFF — and a gzip'd ``dimensions.json``. The page's true line count is returned
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bec.archive import MANIFEST, volume_prefix
+from bec.edges.archive import MANIFEST, volume_prefix
 
 KINDS = ("jpeg_rgb", "jpeg_gray", "tiff_g4")
 #: How each stored format was captured.
@@ -39,7 +39,7 @@ class MadePage:
 def render(kind: str, rng: np.random.Generator, width: int | None = None,
            height: int | None = None, geometry: str = "straight",
            page_kind: str | None = None) -> tuple[bytes, Any]:
-    from bec.ldv1.synth import encode_jpeg, encode_tiff_g4, generate_page
+    from bec.tools.synth import encode_jpeg, encode_tiff_g4, generate_page
 
     page = generate_page(rng, page_kind, capture=CAPTURE_OF[kind], width=width, height=height,
                          **geometry_args(geometry, rng))

@@ -28,7 +28,7 @@ RENAMED = {"max_error_ratio": "max_transient_error_ratio"}
 
 #: Keys that change how a volume is processed (speed, batching, when to retry), never what a
 #: page's row holds: rows computed before such a key changed are still reused by a resumed
-#: volume (``bec.volumefile.config_digest``).
+#: volume (``bec.edges.volumefile.config_digest``).
 OPERATIONAL_KEYS = frozenset({"batch_size", "compile_model", "max_tiles_per_batch", "channels_last",
                               "batches_in_flight", "max_transient_error_ratio"})
 

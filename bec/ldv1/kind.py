@@ -1,4 +1,4 @@
-"""ldv1 as a job kind (:class:`bec.jobkinds.JobKind`): its config, processes and Parquet.
+"""ldv1 as a job kind (:class:`bec.control.jobkinds.JobKind`): its config, processes and Parquet.
 
 fetch (decode, frame for the model, threshold on CPU) → infer (tiles, batched model, line
 mask) → post (contours, skew, bend, second pass) → controller. The pipeline modules of its
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from bec.errors import BadInput
-from bec.jobkinds import JobKind, WorkerPlan, module_missing
+from bec.control.jobkinds import JobKind, WorkerPlan, module_missing
 
 
 def frame_for(config: Mapping[str, Any], area_bytes: int) -> Callable[[int, int], tuple[int, int]]:
@@ -93,17 +93,17 @@ class Ldv1Kind(JobKind):
     def outcome(self, filename: str, result: dict[str, Any], *, etag: str | None,
                 size: tuple[int, int], frame: tuple[int, int],
                 timings: tuple[float, float, float, float]) -> Any:
-        from bec.artifacts import PageOutcome
+        from bec.edges.artifacts import PageOutcome
 
         return PageOutcome.from_result(filename, result, etag=etag, size=size, frame=frame, timings=timings)
 
     def table_schema(self) -> Any:
-        from bec.artifacts import SCHEMA
+        from bec.edges.artifacts import SCHEMA
 
         return SCHEMA
 
     def build_table(self, pages: list[Any]) -> Any:
-        from bec.artifacts import build_table
+        from bec.edges.artifacts import build_table
 
         return build_table(pages)
 

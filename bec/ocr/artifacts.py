@@ -1,7 +1,7 @@
 """The ocr job's Parquet: one row per manifest image, in manifest order, failed images included.
 
 Same layout and success-marker rules as ldv1 (``{job}/{W}/{I}/{version}/{W}-{I}-{version}.parquet``,
-then ``success.json``: :mod:`bec.artifacts`). Columns, a contract for the archive's readers:
+then ``success.json``: :mod:`bec.edges.artifacts`). Columns, a contract for the archive's readers:
 
 ``img_file_name`` string · ``source_etag`` string · ``ok`` bool · ``error_stage``,
 ``error_type``, ``error_message`` string · ``text`` string (the lines joined by ``\\n``; null on a
@@ -55,7 +55,7 @@ LineTuple = tuple[str, float, int, int, int, int, int]
 
 @dataclass
 class OcrOutcome:
-    """A page read by the OCR process. Failed pages are ``bec.artifacts.PageOutcome``s (the
+    """A page read by the OCR process. Failed pages are ``bec.edges.artifacts.PageOutcome``s (the
     controller's, kind-agnostic); the table reads only their common fields."""
 
     filename: str

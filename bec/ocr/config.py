@@ -51,8 +51,8 @@ class OcrConfig:
         return config
 
     def _check_values(self) -> None:
-        from bec.ids import check_job_name
-        from bec.jobkinds import LDV1, kind_name
+        from bec.control.ids import check_job_name
+        from bec.control.jobkinds import LDV1, kind_name
 
         if self.model not in MODELS:
             raise ConfigError(f"ocr config key 'model' must be one of {', '.join(MODELS)}, got {self.model!r}")

@@ -23,7 +23,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bec import metrics  # noqa: E402
+from bec.observe import metrics  # noqa: E402
 from bec.errors import PageError  # noqa: E402
 from bec.ocr import metrics as ocr_metrics  # noqa: E402
 from bec.ocr.cutting import cut_lines  # noqa: E402

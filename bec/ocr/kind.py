@@ -1,4 +1,4 @@
-"""ocr as a job kind (:class:`bec.jobkinds.JobKind`): jobs named ``ocr`` or ``ocr…``.
+"""ocr as a job kind (:class:`bec.control.jobkinds.JobKind`): jobs named ``ocr`` or ``ocr…``.
 
 fetch (the page at the original's size, gray, not thresholded: Tesseract binarises it itself)
 → infer role = :mod:`bec.ocr.engine` (one single-threaded Tesseract per core) → controller. No
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from bec.errors import BadInput
-from bec.jobkinds import JobKind, WorkerPlan, module_missing
+from bec.control.jobkinds import JobKind, WorkerPlan, module_missing
 
 
 class OcrKind(JobKind):

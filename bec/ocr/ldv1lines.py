@@ -19,8 +19,9 @@ from typing import Any
 import botocore.exceptions
 import numpy as np
 
-from bec import aws, metrics
-from bec.artifacts import parquet_key, success_key
+from bec.edges import aws
+from bec.observe import metrics
+from bec.edges.artifacts import parquet_key, success_key
 from bec.errors import RetryableError
 
 COLUMNS = ["img_file_name", "source_etag", "ok", "error_type", "error_message", "rotation_angle",

@@ -1,5 +1,5 @@
 """The ocr kind's own Prometheus series (the worker's registry: every process's samples are
-aggregated by the supervisor, see ``bec.metrics``). Pages, page errors by stage and type
+aggregated by the supervisor, see ``bec.observe.metrics``). Pages, page errors by stage and type
 (``ocr``, ``lines``…) and per-stage latency (``ocr``, ``cut``) are the worker's common ones."""
 from __future__ import annotations
 

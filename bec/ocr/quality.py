@@ -142,7 +142,7 @@ def generated_samples(count: int, start: int, kinds: list[str]) -> list[Sample]:
     import numpy as np
     from PIL import Image
 
-    from bec.ldv1.synth import encode_jpeg, page_for_seed
+    from bec.tools.synth import encode_jpeg, page_for_seed
 
     samples = []
     for n in range(count):
@@ -183,7 +183,7 @@ class Readers:
 
     def ldv1(self, sample: Sample) -> str:
         from bec.ldv1.correction import correct_frame
-        from bec.ldv1.evaluate import detect_lines
+        from bec.tools.evaluate_ldv1 import detect_lines
 
         lines = detect_lines(self.model, sample.gray)
         page = correct_frame(sample.gray, lines.correction, (sample.gray.shape[1], sample.gray.shape[0]))
@@ -230,8 +230,8 @@ def summary(results: list[Scored], modes: list[str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bec.ldv1.evaluate import DEFAULT_WEIGHTS
-    from bec.ldv1.synth import EVAL_SEED_START, KINDS
+    from bec.tools.evaluate_ldv1 import DEFAULT_WEIGHTS
+    from bec.tools.synth import EVAL_SEED_START, KINDS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", type=Path, help="a folder with transcripts/ and the page images")
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.real and args.generated <= 0:
             raise BadInput("give --real FOLDER and/or --generated N")
         from bec.errors import BecError
-        from bec.jobs import parse_config_text
+        from bec.control.jobs import parse_config_text
         from bec.ocr.config import OcrConfig
 
         try:

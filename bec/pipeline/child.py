@@ -179,7 +179,7 @@ def child_main(spec: ChildSpec) -> None:
     mailbox = Mailbox(spec.pipeline.namespace, spec.role)
     mailbox.start_reader()
     slots = SlotPool.attach(spec.pipeline.slots)
-    from bec.logs import setup_logging
+    from bec.observe.logs import setup_logging
 
     setup_logging(json_lines=spec.pipeline.log_json)
     log = logging.getLogger(f"bec.{spec.role}")

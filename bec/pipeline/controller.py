@@ -12,7 +12,7 @@ slot that was taken back is retired for a while before reuse, so a late write fr
 stale holder can never land in another page's data.
 
 Page results are not kept until a volume ends: each volume's rows go to its Parquet file
-(``bec.volumefile``) in manifest order as they complete. No page is dispatched more than
+(``bec.edges.volumefile``) in manifest order as they complete. No page is dispatched more than
 ``reorder_window`` pages ahead of the first row not yet written, so the results held while
 an earlier page is still in flight stay bounded, whatever the volume's length.
 
@@ -38,19 +38,21 @@ import functools
 import botocore.exceptions
 import numpy as np
 
-from bec import aws, jobkinds, lifecycle, metrics, partial
-from bec.artifacts import PageOutcome
-from bec.db import Database
+from bec.control import jobkinds, lifecycle, partial
+from bec.edges import aws
+from bec.observe import metrics
+from bec.edges.artifacts import PageOutcome
+from bec.control.db import Database
 from bec.errors import BadInput, BecError, page_error_class
-from bec.lifecycle import Admission, Received, Verdict
-from bec.localarchive import probe_client, source_client
+from bec.control.lifecycle import Admission, Received, Verdict
+from bec.edges.localarchive import probe_client, source_client
 from bec.pipeline import slots as S
 from bec.pipeline.backoff import BackoffWatch
 from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import (PAGE_CHANGED, PAGE_S3_UNAVAILABLE, Drain, Fetch, Finished, Gone, PageDone,
                                    PageFailed, PipelineReady, ReleaseNow, Stop, Track, Untrack)
 from bec.pipeline.slots import decode_result
-from bec.volumefile import VolumeFile
+from bec.edges.volumefile import VolumeFile
 
 log = logging.getLogger("bec.controller")
 

@@ -17,9 +17,10 @@ from typing import Any, Iterator
 
 import botocore.exceptions
 
-from bec import aws, imaging, jobkinds
+from bec.control import jobkinds
+from bec.edges import aws, imaging
 from bec.errors import PageError
-from bec.localarchive import probe_client, source_client
+from bec.edges.localarchive import probe_client, source_client
 from bec.ldv1.preprocess import adaptive_threshold_into
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bec import metrics
+from bec.observe import metrics
 from bec.ldv1 import preprocess as P
 from bec.ldv1.config import precision_on
 from bec.ldv1 import preprocess_torch as PT

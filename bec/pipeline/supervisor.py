@@ -30,8 +30,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bec import __version__, aws, jobkinds, metrics, tasks, telemetry
-from bec.db import Database
+from bec import __version__
+from bec.control import jobkinds, tasks
+from bec.edges import aws
+from bec.observe import metrics, telemetry
+from bec.control.db import Database
 from bec.errors import BecError, ModelError, Unavailable
 from bec.pipeline.child import ChildSpec, PipelineSpec, child_main
 from bec.pipeline.messages import (Drain, Fatal, Finished, Mailbox, PipelineReady, Ready, ReleaseNow, Stop,

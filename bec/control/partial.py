@@ -24,8 +24,10 @@ import boto3.exceptions
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from bec import artifacts, aws, jobkinds, metrics
-from bec.volumefile import SPOOL_BYTES, Resume, Tally, config_digest
+from bec.control import jobkinds
+from bec.edges import artifacts, aws
+from bec.observe import metrics
+from bec.edges.volumefile import SPOOL_BYTES, Resume, Tally, config_digest
 
 log = logging.getLogger("bec.partial")
 

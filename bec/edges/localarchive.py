@@ -86,7 +86,7 @@ def probe_client(bucket: str, region: str) -> Any:
     itself, or a single-try S3 client."""
     if is_local(bucket):
         return DirectoryS3(bucket)
-    from bec import aws
+    from bec.edges import aws
 
     return aws.single_try_client("s3", region)
 
@@ -95,6 +95,6 @@ def source_client(bucket: str, region: str, max_bytes: int | None = None, **kwar
     """The client to read the archive with: a folder for ``file://``, else S3."""
     if is_local(bucket):
         return DirectoryS3(bucket, max_bytes)
-    from bec import aws
+    from bec.edges import aws
 
     return aws.client("s3", region, **kwargs)

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from bec import artifacts
-from bec.archive import volume_prefix
+from bec.edges import artifacts
+from bec.edges.archive import volume_prefix
 from bec.ldv1.correction import corrected_page
 
 MAX_WIDTH = 1400

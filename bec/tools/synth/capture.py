@@ -23,7 +23,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from bec.ldv1.synth.layout import Canvas
+from bec.tools.synth.layout import Canvas
 
 __all__ = ["CAPTURES", "capture", "bend_profile"]
 

@@ -1,6 +1,6 @@
 """The job-level Prometheus exporter: what a job has left and what it has done.
 
-Workers export what *they* do (``bec.metrics``); a job's backlog lives elsewhere — in its
+Workers export what *they* do (``bec.observe.metrics``); a job's backlog lives elsewhere — in its
 SQS queues and in ``task_executions`` — and no worker should report it (N workers would
 report it N times, and none when all are stopped). ``bec exporter`` runs once per
 deployment and exports, per job (label ``job``, the job's name):
@@ -31,9 +31,10 @@ from typing import Any, Callable, Iterable
 import botocore.exceptions
 import psycopg
 
-from bec import aws, jobs as jobstore
+from bec.control import jobs as jobstore
+from bec.edges import aws
 from bec.config import DbParams
-from bec.db import Database
+from bec.control.db import Database
 from bec.errors import BecError
 
 log = logging.getLogger("bec.exporter")

@@ -45,7 +45,7 @@ _UNAVAILABLE_STATES = {"25006"}  # read_only_sql_transaction
 
 
 def schema_sql() -> str:
-    return resources.files("bec").joinpath("schema.sql").read_text()
+    return resources.files("bec.control").joinpath("schema.sql").read_text()
 
 
 @contextlib.contextmanager
@@ -196,13 +196,13 @@ def _configure(conn: psycopg.Connection) -> None:
 
 
 def _observe_wait(seconds: float) -> None:
-    from bec import metrics
+    from bec.observe import metrics
 
     metrics.DB_POOL_WAIT.observe(seconds)
 
 
 def _count_error() -> None:
-    from bec import metrics  # lazily: the worker chooses the metrics storage first
+    from bec.observe import metrics  # lazily: the worker chooses the metrics storage first
 
     metrics.DB_ERRORS.inc()
 

@@ -87,7 +87,7 @@ class JobKind:
         raise NotImplementedError
 
     def table_schema(self) -> Any:
-        """The Arrow schema of the kind's Parquet (``bec.volumefile`` writes it)."""
+        """The Arrow schema of the kind's Parquet (``bec.edges.volumefile`` writes it)."""
         raise NotImplementedError
 
     def build_table(self, pages: list[Any]) -> Any:

@@ -131,7 +131,7 @@ def success_key(job_name: str, w_id: str, i_id: str, version: str) -> str:
 
 
 def partial_key(job_name: str, w_id: str, i_id: str, version: str) -> str:
-    """Where a retried volume keeps its finished pages (``bec.partial``): under ``_partial/``,
+    """Where a retried volume keeps its finished pages (``bec.control.partial``): under ``_partial/``,
     which readers of ``{job}/`` skip (Spark, Athena and pyarrow datasets ignore ``_`` names),
     never beside a success.json."""
     return f"{job_name}/_partial/{w_id}/{i_id}/{version}/{w_id}-{i_id}-{version}.parquet"

@@ -1,6 +1,6 @@
 """Score a line model on generated pages it has never seen: exact line counts.
 
-``python -m bec.ldv1.evaluate [--weights PATH] [--pages N] [--start SEED]``
+``python -m bec.tools.evaluate_ldv1 [--weights PATH] [--pages N] [--start SEED]``
 
 The model is run through the whole production contract (DESIGN §7), with the shared
 pre- and post-processing code, so the score is what the pipeline would get:
@@ -8,13 +8,13 @@ grayscale page → frame → adaptive threshold → /255 → white-padded 512 ti
 stitch → sigmoid > 0.85 → :func:`~bec.ldv1.postprocess.find_lines`; a page whose skew
 is 3° or more is rotated and run again, as the pipeline does.
 
-Pages come from :func:`bec.ldv1.synth.page_for_seed` with seeds ≥
+Pages come from :func:`bec.tools.synth.page_for_seed` with seeds ≥
 ``EVAL_SEED_START`` (training never uses those), every kind and capture drawn from the
 seed. Gray pages take a JPEG round trip first (alternately RGB-tinted and plain gray),
 like the archives the tests build; bilevel pages would be G4 TIFFs, which are lossless.
 
 Lines are counted by :func:`count_lines` alone, here and on real pages
-(:mod:`bec.ldv1.evaluate_real`), so both scores always mean the same thing.
+(:mod:`bec.tools.evaluate_real`), so both scores always mean the same thing.
 """
 from __future__ import annotations
 
@@ -30,15 +30,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from bec.ldv1 import SHIPPED_WEIGHTS
 from bec.ldv1.correction import correct_frame
 from bec.ldv1.postprocess import PageLines, find_lines, plan_correction
 from bec.ldv1.preprocess import TILE, adaptive_threshold, frame_size, stitch, tile_frame
-from bec.ldv1.synth import EVAL_SEED_START, encode_jpeg, page_for_seed
+from bec.tools.synth import EVAL_SEED_START, encode_jpeg, page_for_seed
 
 __all__ = ["DEFAULT_WEIGHTS", "LINE_THRESHOLD", "to_frame", "predict_mask", "detect_lines",
            "archive_round_trip", "evaluate", "PageResult", "count_lines"]
 
-DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "small.pth"
+DEFAULT_WEIGHTS = SHIPPED_WEIGHTS
 LINE_THRESHOLD = 0.85
 
 

@@ -8,7 +8,7 @@
     (the controller streams the pages through the pipeline)
     extend ─ visibility, while the volume runs ......... never once the message is settled
     finish ─ 5. transient page errors within ......... no → retryable; the finished pages are
-                max_transient_error_ratio?                kept (bec.partial) for the next attempt
+                max_transient_error_ratio?                kept (bec.control.partial) for the next attempt
            ─ 6. Parquet, then success.json, then DB done + metrics, then delete the message
                 (deterministic page errors are rows of a done volume: never a retry)
     retry  ─ DB retryable_failed; the message becomes visible again after a back-off, or goes
@@ -42,13 +42,15 @@ import botocore.exceptions
 
 import boto3.exceptions
 
-from bec import artifacts, aws, jobkinds, metrics, partial, tasks
-from bec.archive import Manifest, read_manifest
-from bec.db import Database
+from bec.control import jobkinds, partial, tasks
+from bec.edges import artifacts, aws
+from bec.observe import metrics
+from bec.edges.archive import Manifest, read_manifest
+from bec.control.db import Database
 from bec.errors import (BecError, DatabaseUnavailable, PoisonMessage, RetryableError, StorageUnavailable,
                         TerminalError, Unavailable)
-from bec.ids import check_i_id, check_w_id
-from bec.volumefile import VolumeFile
+from bec.control.ids import check_i_id, check_w_id
+from bec.edges.volumefile import VolumeFile
 
 log = logging.getLogger("bec.lifecycle")
 
@@ -65,7 +67,7 @@ class Services:
 
     db: Database
     s3: Any          # artifacts (destination bucket)
-    source: Any      # the archive: S3, or a folder (bec.localarchive)
+    source: Any      # the archive: S3, or a folder (bec.edges.localarchive)
     sqs: Any
     job_name: str
     job_id: int
@@ -135,7 +137,7 @@ class Admission:
     task_id: int = 0
     attempt: int = 0
     claimed_at: float = 0.0
-    partial: partial.Found | None = None  # an earlier attempt's finished pages (bec.partial)
+    partial: partial.Found | None = None  # an earlier attempt's finished pages (bec.control.partial)
     unavailable: str = ""  # "database" or "storage" when an outage decided the verdict
     # HELD after admission: None (admit the message again); after a claim: the settlement
     # to try again (mark done, failed or released), returning its verdict.

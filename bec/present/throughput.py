@@ -5,7 +5,7 @@ rate between two refreshes jumps: nothing for a while, then a whole volume at on
 exponentially weighted mean over the refreshes, with a time constant (not a count of
 refreshes, so that a short ``--interval`` does not make it jumpier), follows a change in
 speed within about a minute and holds steady in between. Until a second refresh has given
-a difference, the rate is the database's first estimate (see ``bec.jobs.progress_sample``).
+a difference, the rate is the database's first estimate (see ``bec.control.jobs.progress_sample``).
 """
 from __future__ import annotations
 

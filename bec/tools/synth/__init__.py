@@ -1,7 +1,7 @@
 """Seeded generator of archive-like Tibetan pages with exact line labels.
 
 BEC ships a small line model of its own (``bec.ldv1.smallnet``, trained by
-``bec.ldv1.train``) so that the demo and the tests show real line detection without the
+``bec.tools.train_ldv1``) so that the demo and the tests show real line detection without the
 production weights. Real scans and their labels cannot be shipped, so pages are made
 here, to look like the archive's: real Tibetan script shaped with HarfBuzz in the fonts
 Debian packages (``fonts-tibetan-machine``, ``fonts-ddc-uchen``, ``fonts-monlam``,
@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from bec.ldv1.synth.fonts import MissingFonts, missing_fonts
+from bec.tools.synth.fonts import MissingFonts, missing_fonts
 
 __all__ = ["SynthPage", "generate_page", "page_for_seed", "encode_jpeg", "encode_tiff_g4",
            "KINDS", "CAPTURES", "STYLES", "EVAL_SEED_START", "KIND_WEIGHTS", "missing_fonts",
@@ -142,8 +142,8 @@ def generate_page(rng: np.random.Generator | int, kind: str | None = None,
                   width: int | None = None, height: int | None = None,
                   dpi: int | None = None) -> SynthPage:
     """Draw one page; see the module docstring for every argument."""
-    from bec.ldv1.synth.capture import capture as take
-    from bec.ldv1.synth.layout import draw_layout
+    from bec.tools.synth.capture import capture as take
+    from bec.tools.synth.layout import draw_layout
 
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(int(rng))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import botocore.exceptions
 
-from bec import aws
+from bec.edges import aws
 
 RETENTION_SECONDS = 14 * 24 * 3600
 DEFAULT_VISIBILITY = 300

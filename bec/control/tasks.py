@@ -12,7 +12,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from bec.db import Database
+from bec.control.db import Database
 
 #: A running task whose worker has not heartbeated for this long is up for grabs.
 STALE_AFTER_S = 60.0

@@ -1,6 +1,6 @@
 """Score a line model on real pages: true vs found line counts, page by page.
 
-``python -m bec.ldv1.evaluate_real FOLDER COUNTS [--weights PATH] [--threads N]``
+``python -m bec.tools.evaluate_real FOLDER COUNTS [--weights PATH] [--threads N]``
 
 ``COUNTS`` is a CSV file with a header and at least the columns ``file`` (a file name
 in ``FOLDER``) and ``lines`` (the true number of text lines); other columns (``kind``,
@@ -8,11 +8,11 @@ in ``FOLDER``) and ``lines`` (the true number of text lines); other columns (``k
 ``../shared/real-dev/`` (from its README's table): the images themselves are never
 copied into the repository, they are read by path::
 
-    python -m bec.ldv1.evaluate_real ../shared/real-dev benchmarks/real-dev-counts.csv
+    python -m bec.tools.evaluate_real ../shared/real-dev benchmarks/real-dev-counts.csv
 
-Every page goes through the production contract (:func:`~bec.ldv1.evaluate.detect_lines`:
+Every page goes through the production contract (:func:`~bec.tools.evaluate_ldv1.detect_lines`:
 frame, threshold, tiles, model, stitch, p > 0.85, contours, second pass on skewed
-pages) and lines are counted by :func:`~bec.ldv1.evaluate.count_lines`, the one place
+pages) and lines are counted by :func:`~bec.tools.evaluate_ldv1.count_lines`, the one place
 that says what "lines found" means. The command prints one row per page (true, found,
 within tolerance, exact), then the share of pages within ±max(1, 10 %) of the truth
 and the share exact. Bad input (a missing folder, a file listed but absent or
@@ -90,7 +90,7 @@ def _load_gray(path: Path):  # noqa: ANN202 - numpy array
 def score_pages(model, folder: Path, pages: list[RealPage],  # noqa: ANN001 - torch module
                 verbose: bool = True) -> list[RealPage]:
     """Fill in ``found`` for each page; print a row per page when ``verbose``."""
-    from bec.ldv1.evaluate import count_lines, detect_lines
+    from bec.tools.evaluate_ldv1 import count_lines, detect_lines
 
     if verbose:
         print(f"{'page':24s} {'kind':12s} {'true':>4s} {'found':>5s}  within  exact")
@@ -114,7 +114,7 @@ def summary_lines(pages: list[RealPage]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bec.ldv1.evaluate import DEFAULT_WEIGHTS
+    from bec.tools.evaluate_ldv1 import DEFAULT_WEIGHTS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="folder holding the page images")

@@ -1,9 +1,9 @@
 """Train the small line model on generated pages, on CPU, within a session.
 
-``python -m bec.ldv1.train [--out PATH] [--seed N] [--steps N] [--minutes M]``
-``python -m bec.ldv1.train --eval N [--out PATH]``  (score a checkpoint, no training)
+``python -m bec.tools.train_ldv1 [--out PATH] [--seed N] [--steps N] [--minutes M]``
+``python -m bec.tools.train_ldv1 --eval N [--out PATH]``  (score a checkpoint, no training)
 
-Pages come from :mod:`bec.ldv1.synth`: real Tibetan script in Debian's Tibetan fonts,
+Pages come from :mod:`bec.tools.synth`: real Tibetan script in Debian's Tibetan fonts,
 laid out as the archive's kinds of page (pecha prints, woodblocks, manuscripts, book
 pages, tables of contents) and captured as photographs, scans or bilevel scans; gray
 captures take a JPEG round trip most of the time. Each is taken through the same
@@ -14,7 +14,7 @@ anything the pipeline would not feed it. Without the fonts (or ``uharfbuzz`` /
 
 Seeds: page ``i`` of a run with ``--seed s`` uses seed ``(s·100003 + i) mod 900000``;
 seeds 900000–999999 are held out for the end-of-training check, and evaluation
-(``--eval``, :mod:`bec.ldv1.evaluate`, the tests) uses seeds ≥ 1000000. No page the
+(``--eval``, :mod:`bec.tools.evaluate_ldv1`, the tests) uses seeds ≥ 1000000. No page the
 model is scored on was ever trained on.
 
 Generation runs in one DataLoader worker process, in parallel with the optimiser; the
@@ -24,7 +24,7 @@ costs more to draw than one crop costs to learn from.
 Cost: the defaults run ``--minutes 40`` of wall time on two CPU cores (about 0.3 s a
 step of 8 crops of 256×512 when the cores are free; on a busy machine fewer steps fit,
 and the learning rate anneals by whichever of steps and minutes runs out first). The
-shipped ``weights/small.pth`` is ``nice -n 10 python -m bec.ldv1.train`` (its
+shipped ``weights/small.pth`` is ``nice -n 10 python -m bec.tools.train_ldv1`` (its
 checkpoint records the steps it reached under ``trained``).
 """
 from __future__ import annotations
@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from bec.ldv1.evaluate import (DEFAULT_WEIGHTS, evaluate, run_evaluation, summarise)
+from bec.tools.evaluate_ldv1 import (DEFAULT_WEIGHTS, evaluate, run_evaluation, summarise)
 from bec.ldv1.preprocess import adaptive_threshold, frame_size
 from bec.ldv1.smallnet import ARCH_NAME, SmallLineNet
-from bec.ldv1.synth import EVAL_SEED_START, encode_jpeg, generate_page, missing_fonts
+from bec.tools.synth import EVAL_SEED_START, encode_jpeg, generate_page, missing_fonts
 
 TRAIN_SEEDS = 900_000          # training page seeds are in [0, TRAIN_SEEDS)
 VALID_SEED_START = 900_000     # held-out check at the end of training: [900000, 1000000)
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ch, cw = (int(v) for v in args.crop.lower().split("x"))
     if ch % 32 or cw % 32:
         parser.error("--crop sides must be multiples of 32")
-    command = "python -m bec.ldv1.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bec.tools.train_ldv1 " + " ".join(argv if argv is not None else sys.argv[1:])
     train(args.out, args.seed, args.steps, args.minutes, args.batch, (ch, cw), args.lr,
           args.threads, command=command.strip())
     return 0

@@ -6,7 +6,7 @@ the supervisor's endpoint aggregates them. A restarted child's counters are kept
 files stay), its live gauges are dropped (``mark_process_dead``). Labels never carry page
 or volume ids: their cardinality is fixed by the code.
 
-The supervisor calls ``bec.telemetry.enable`` before anything imports prometheus_client (the library
+The supervisor calls ``bec.observe.telemetry.enable`` before anything imports prometheus_client (the library
 picks its storage at import); in processes without the variable (CLI, unit tests) the
 same metrics simply live in that process' memory.
 """

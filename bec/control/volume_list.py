@@ -10,7 +10,7 @@ import re
 from typing import Iterable
 
 from bec.errors import BadInput
-from bec.ids import check_i_id, check_w_id
+from bec.control.ids import check_i_id, check_w_id
 
 _SEPARATOR = re.compile(r"[,\s]+")
 

@@ -12,7 +12,7 @@ which the controller bounds (it dispatches no page more than a window ahead of t
 row not yet written), plus one row group. ``held_max`` records the most held at once.
 
 A volume retried for transient page errors may *resume*: the file of its last attempt, kept
-as a partial artifact (``bec.partial``), supplies the rows of the pages it finished (``ok``
+as a partial artifact (``bec.control.partial``), supplies the rows of the pages it finished (``ok``
 or a deterministic error); those pages are not dispatched again, and their rows are copied
 in their place, one stored row group at a time.
 """
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bec import artifacts
+from bec.edges import artifacts
 from bec.errors import is_transient_page_error
 
 ROW_GROUP_PAGES = 128          # rows per Parquet row group (and most results gathered for one)
@@ -146,8 +146,8 @@ class Resume:
 class VolumeFile:
     """Rows of one volume in manifest order → row groups in a spooled file, as pages complete.
 
-    ``kind`` (a ``bec.jobkinds.JobKind``) gives the schema, the row builder and the timing
-    columns; without one, ldv1's (``bec.artifacts``)."""
+    ``kind`` (a ``bec.control.jobkinds.JobKind``) gives the schema, the row builder and the timing
+    columns; without one, ldv1's (``bec.edges.artifacts``)."""
 
     def __init__(self, n_pages: int, metadata: dict[str, str], resume: Resume | None = None,
                  row_group_pages: int = ROW_GROUP_PAGES, kind: Any = None) -> None:

@@ -1,6 +1,6 @@
 """Serving the worker's metrics: the multiprocess folder and the supervisor's endpoint.
 
-Kept apart from ``bec.metrics`` because the folder must be chosen before
+Kept apart from ``bec.observe.metrics`` because the folder must be chosen before
 prometheus_client is imported (the library decides its storage at import time).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ _owner_lock: int | None = None  # fd of this worker's held lock (closed by clean
 def enable() -> Path:
     """Create this worker's metrics folder and point this process (and its children) at it.
 
-    Call before ``bec.metrics`` is imported: metric objects pick their storage when created.
+    Call before ``bec.observe.metrics`` is imported: metric objects pick their storage when created.
 
     The folder's owner holds an exclusive lock on a file in it for as long as it lives: the
     kernel drops the lock when the process dies, however it dies. A supervisor killed with

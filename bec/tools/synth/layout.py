@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from bec.ldv1.synth.fonts import Font, Run, fonts_of, load_font
-from bec.ldv1.synth.text import SHAD, TSHEG, Writer, tibetan_number
+from bec.tools.synth.fonts import Font, Run, fonts_of, load_font
+from bec.tools.synth.text import SHAD, TSHEG, Writer, tibetan_number
 
 __all__ = ["Canvas", "LAYOUTS", "draw_layout"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from bec.db import Database
+from bec.control.db import Database
 from bec.errors import BadInput
 
 STATUSES = ("running", "done", "retryable_failed", "terminal_failed")
@@ -16,11 +16,11 @@ STATUSES = ("running", "done", "retryable_failed", "terminal_failed")
 #: message comes back and another worker takes it over.
 SHOWN_STATUSES = ("running", "stalled", "done", "retryable_failed", "terminal_failed")
 #: Seconds without a heartbeat after which a worker is taken for dead (the worker's own
-#: ``--stale-after`` default, ``bec.tasks.STALE_AFTER_S``).
+#: ``--stale-after`` default, ``bec.control.tasks.STALE_AFTER_S``).
 STALE_AFTER_S = 60.0
 
 # A task row ``t`` whose worker is alive: not stopped, heartbeat within %(stale)s seconds.
-# The same rule as the claim's (bec.tasks.claim), read the other way round.
+# The same rule as the claim's (bec.control.tasks.claim), read the other way round.
 _LIVE_HOLDER = """EXISTS (SELECT 1 FROM workers w
                     WHERE w.worker_id = t.worker_id AND w.stopped_at IS NULL
                       AND w.last_heartbeat_at > now() - make_interval(secs => %(stale)s))"""

@@ -13,9 +13,10 @@ from typing import Any, Callable, Iterable
 
 import botocore.exceptions
 
-from bec import aws, metrics
+from bec.edges import aws
+from bec.observe import metrics
 from bec.errors import TerminalError
-from bec.ids import check_i_id, check_w_id
+from bec.control.ids import check_i_id, check_w_id
 
 MANIFEST = "dimensions.json"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024

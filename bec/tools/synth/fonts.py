@@ -81,7 +81,7 @@ def missing_fonts() -> str | None:
     packages = sorted({f.package for f in FONTS if _find(f.file) is None})
     if packages:
         problems.append("apt-get install " + " ".join(packages))
-    from bec.ldv1.synth.text import DICTIONARY
+    from bec.tools.synth.text import DICTIONARY
     if not DICTIONARY.exists():
         problems.append("apt-get install hunspell-bo")
     if not problems:
