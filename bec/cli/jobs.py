@@ -5,12 +5,10 @@ import json
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timezone
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions
 import click
 from rich.table import Table
 from rich.text import Text
@@ -21,7 +19,8 @@ from bec.cli.context import AppContext, err, out, pass_app, stale_after_setting,
 from bec.errors import BadInput, BecError, Unavailable, page_error_class
 from bec.control.ids import check_i_id, check_job_name, check_w_id, queue_names
 from bec.control.jobkinds import validate_config
-from bec.present.throughput import TIME_CONSTANT_S, SmoothedRate
+from bec.present.jobstats import progress_lines, status_table, totals_lines
+from bec.present.throughput import SmoothedRate
 
 
 @click.group()
@@ -162,33 +161,6 @@ def delete(app: AppContext, name: str, yes: bool, delete_queues: bool) -> None:
     out.print(f"✓ Deleted job: id={job.id}, name={job.name} ({removed} task rows)")
 
 
-def _ms(value: Any) -> str:
-    return f"{float(value):.2f}" if value else "0"
-
-
-def _status_table(db: Any, job: jobstore.Job, stale_after_s: float) -> Table:
-    table = Table(title="Task Execution Status")
-    table.add_column("Status")
-    for column in ("Count", "Total Images", "Total Errors", "Avg Duration (ms)"):
-        table.add_column(column, justify="right")
-    for row in jobstore.status_stats(db, job.id, stale_after_s):
-        table.add_row(row["status"], str(row["count"]), str(row["total_images"]),
-                      str(row["total_errors"]), _ms(row["avg_duration_ms"]))
-    return table
-
-
-def _totals_lines(db: Any, job: jobstore.Job, stale_after_s: float) -> list[str]:
-    total = jobstore.overall_stats(db, job.id, stale_after_s)
-    return ["Overall Totals:",
-            f"  Total Tasks: {total['total_tasks']}",
-            f"  Total Images: {total['total_images']}",
-            f"  Total Errors: {total['total_errors']}",
-            f"  Volumes Done with Page Errors: {total['done_with_errors']} "
-            f"({total['done_errors']} error rows; see `bec jobs errors`)",
-            f"  Avg Duration per Task: {float(total['avg_task_ms']):.2f} ms",
-            f"  Avg Duration per Page: {float(total['avg_page_ms']):.2f} ms"]
-
-
 @jobs.command("stats")
 @click.argument("name", callback=valid_job_name)
 @click.option("--watch", is_flag=True, help="Keep the view up to date, with pages/s and an ETA (Ctrl-C exits).")
@@ -211,62 +183,10 @@ def stats(app: AppContext, name: str, watch: bool, interval: float, iterations: 
         return
     out.print(f"Job Statistics: {job.name} (id={job.id})")
     out.print()
-    out.print(_status_table(db, job, stale_after_s))
+    out.print(status_table(db, job, stale_after_s))
     out.print()
-    for line in _totals_lines(db, job, stale_after_s):
+    for line in totals_lines(db, job, stale_after_s):
         out.print(line)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours:02d}h {minutes:02d}m"
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def progress_lines(sample: dict[str, Any], rate: SmoothedRate, live_workers: int, stale_after_s: float,
-                   depth: dict[str, int] | None, depth_error: str | None = None) -> list[str]:
-    """Pages/s (between refreshes, smoothed), live workers, the queue and its ETA."""
-    avg_pages = float(sample.get("avg_pages_per_volume") or 0)
-    recent = int(sample.get("recent_volumes") or 0)
-    if rate.rate is None:
-        speed = f"— (no volume done in the last {jobstore.RECENT_S // 60} minutes)"
-    elif rate.measured:
-        speed = f"{rate.rate:.2f} (between refreshes, smoothed over ~{TIME_CONSTANT_S:.0f} s)"
-    else:
-        speed = (f"{rate.rate:.2f} ({_plural(recent, 'volume')} done in the last "
-                 f"{_duration(float(sample.get('recent_span_s') or 0))} of work)")
-    lines = ["Throughput:", f"  Pages/s: {speed}", f"  Avg Pages per Volume: {avg_pages:.1f}"]
-    if live_workers:
-        lines.append(f"  Workers: {live_workers} live")
-    else:
-        lines.append(f"  Workers: none live (no worker of this job heartbeated in the last {stale_after_s:g} s)")
-    if depth is None:
-        lines.append(f"  Queue: unavailable ({depth_error or 'unknown error'})")
-        lines.append("  ETA: -")
-        return lines
-    queued = depth["visible"] + depth["in_flight"]
-    lines.append(f"  Queue: {_plural(queued, 'volume')} ({depth['visible']} visible, {depth['in_flight']} in flight)")
-    per_s = rate.rate or 0.0
-    if queued == 0:
-        lines.append("  ETA: done (queue empty)")
-    elif not live_workers:
-        lines.append("  ETA: - (no live worker serves this job)")
-    elif per_s <= 0 or avg_pages <= 0:
-        lines.append("  ETA: - (no pages done lately)")
-    else:
-        lines.append(f"  ETA: {_duration(queued * avg_pages / per_s)} "
-                     f"({queued} × {avg_pages:.1f} pages ÷ {per_s:.2f} pages/s)")
-    return lines
 
 
 def _watch_view(app: AppContext, job: jobstore.Job, interval: float, rate: SmoothedRate,
@@ -277,8 +197,8 @@ def _watch_view(app: AppContext, job: jobstore.Job, interval: float, rate: Smoot
 
     db = app.db
     parts: list[Any] = [Text(f"Job Statistics: {job.name} (id={job.id})"), Text(""),
-                        _status_table(db, job, stale_after_s), Text("")]
-    parts += [Text(line) for line in _totals_lines(db, job, stale_after_s)]
+                        status_table(db, job, stale_after_s), Text("")]
+    parts += [Text(line) for line in totals_lines(db, job, stale_after_s)]
     depth: dict[str, int] | None = None
     why = None
     try:
@@ -389,26 +309,6 @@ def _when(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def read_markers(s3: Any, bucket: str, job: str,
-                 rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None, str]]:
-    """Each row's success.json (in parallel): (row, marker or None, why it could not be read)."""
-    from bec.edges.artifacts import success_key
-
-    def fetch(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
-        key = success_key(job, row["w_id"], row["i_id"], row["version"])
-        try:
-            marker = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            return row, None, f"{key}: {aws.error_code(exc)}"
-        except (ValueError, OSError) as exc:
-            return row, None, f"{key}: {type(exc).__name__}"
-        by_type = marker.get("errors_by_type") if isinstance(marker, dict) else None
-        return (row, marker, "") if isinstance(by_type, dict) else (row, None, f"{key}: no errors_by_type")
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(fetch, rows))
-
-
 def _volume_option(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, str] | None:
     """``--volume W22084/I0886`` (or ``W22084,I0886``) → validated ids, before any service."""
     if value is None:
@@ -498,7 +398,8 @@ def errors(app: AppContext, name: str, limit: int, s3_dest_bucket: str | None,
         out.print("  none (no done task has page errors)")
         return
     with aws.cli_errors("S3", aws.configured_endpoint("s3")):
-        markers = read_markers(app.client("s3"), bucket, job.name, rows)
+        from bec.edges.artifacts import read_success_markers
+        markers = read_success_markers(app.client("s3"), bucket, job.name, rows)
     totals: dict[str, list[int]] = {}
     problems = [problem for _row, marker, problem in markers if marker is None]
     for _row, marker, _problem in markers:

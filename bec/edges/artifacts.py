@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import botocore.exceptions
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bec.edges import aws
 
 POINT = pa.struct([("x", pa.int16()), ("y", pa.int16())])
 BOX = pa.struct([("x", pa.int16()), ("y", pa.int16()), ("w", pa.int16()), ("h", pa.int16())])
@@ -217,3 +221,22 @@ def parquet_bytes(pages: list[PageOutcome], metadata: dict[str, str] | None = No
 
 def success_bytes(marker: dict[str, Any]) -> bytes:
     return json.dumps(marker, indent=2, sort_keys=True, default=str).encode()
+
+
+def read_success_markers(s3: Any, bucket: str, job: str,
+                 rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None, str]]:
+    """Each task row's success.json, read in parallel for ``bec jobs errors``: (row, marker or
+    None, why it could not be read). A marker that cannot be read is said, never fatal."""
+    def fetch(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+        key = success_key(job, row["w_id"], row["i_id"], row["version"])
+        try:
+            marker = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            return row, None, f"{key}: {aws.error_code(exc)}"
+        except (ValueError, OSError) as exc:
+            return row, None, f"{key}: {type(exc).__name__}"
+        by_type = marker.get("errors_by_type") if isinstance(marker, dict) else None
+        return (row, marker, "") if isinstance(by_type, dict) else (row, None, f"{key}: no errors_by_type")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(fetch, rows))
