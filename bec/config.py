@@ -114,3 +114,18 @@ class DbParams:
 
     def __repr__(self) -> str:  # keep the password out of logs and tracebacks
         return f"DbParams({self.describe()})"
+
+
+def number_setting(name: str, raw: str, *, whole: bool = False, minimum: float = 1,
+                   unit: str = "") -> float:
+    """A numeric setting read from the environment, or one clear line naming it (BadInput)."""
+    from bec.errors import BadInput
+
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        what = "a whole number" if whole else f"a number{' of ' + unit + 's' if unit else ''}"
+        raise BadInput(f"{name} must be {what}, got {raw!r}") from None
+    if value < minimum:
+        raise BadInput(f"{name} must be at least {minimum:g}{' ' + unit if unit else ''}, got {raw!r}")
+    return value

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 
 from bec.edges import aws
-from bec.config import Settings
+from bec.config import Settings, number_setting
 from bec.control.db import Database
 from bec.control.ids import check_job_name
 
@@ -89,7 +89,6 @@ def valid_job_name(_ctx: click.Context, _param: click.Parameter, value: str | No
 def stale_after_setting(app: AppContext, option: float | None) -> float:
     """When a worker counts as dead for the commands that show workers and tasks: the option,
     else ``BEC_STALE_AFTER`` (the worker's own setting), else the worker's default."""
-    from bec.errors import BadInput
     from bec.control.jobs import STALE_AFTER_S
 
     if option is not None:
@@ -97,10 +96,4 @@ def stale_after_setting(app: AppContext, option: float | None) -> float:
     raw = app.settings.get("BEC_STALE_AFTER")
     if raw is None:
         return STALE_AFTER_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadInput(f"BEC_STALE_AFTER must be a number of seconds, got {raw!r}") from None
-    if value < 1:
-        raise BadInput(f"BEC_STALE_AFTER must be at least 1 second, got {raw!r}")
-    return value
+    return number_setting("BEC_STALE_AFTER", raw, unit="second")

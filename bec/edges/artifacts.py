@@ -74,13 +74,11 @@ SCHEMA = pa.schema([pa.field(name, kind, nullable=name not in REQUIRED) for name
 
 
 @dataclass
-class PageOutcome:
-    """One manifest image's result, ok or failed.
+class PageRecord:
+    """What every job kind records of a manifest image: its name, ok or why not, its size.
 
-    ``rotation_angle``, ``tps_points`` and ``tps_alpha`` are the correction that defines the
-    corrected page (None: not rotated / not dewarped); ``skew_angle`` is the skew the first
-    pass measured (None on a failed page).
-    """
+    Each kind's outcome adds its own results; the controller makes a failed page a bare
+    :class:`PageOutcome` whatever the kind, and a kind's table reads only these fields of it."""
 
     filename: str
     ok: bool
@@ -90,6 +88,32 @@ class PageOutcome:
     error_message: str | None = None
     width: int | None = None
     height: int | None = None
+
+
+def record_columns(pages: list[Any]) -> dict[str, list[Any]]:
+    """The :class:`PageRecord` columns of a kind's table (same names in every kind's Parquet)."""
+    return {"img_file_name": [p.filename for p in pages], "source_etag": [p.etag for p in pages],
+            "ok": [bool(p.ok) for p in pages], "error_stage": [p.error_stage for p in pages],
+            "error_type": [p.error_type for p in pages], "error_message": [p.error_message for p in pages],
+            "width": [p.width for p in pages], "height": [p.height for p in pages]}
+
+
+def table_of(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
+    """A table in ``schema``'s column order from columns given as Arrow arrays or lists."""
+    arrays = [columns[f.name] if isinstance(columns[f.name], pa.Array) else pa.array(columns[f.name], type=f.type)
+              for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+@dataclass
+class PageOutcome(PageRecord):
+    """One manifest image's ldv1 result, ok or failed.
+
+    ``rotation_angle``, ``tps_points`` and ``tps_alpha`` are the correction that defines the
+    corrected page (None: not rotated / not dewarped); ``skew_angle`` is the skew the first
+    pass measured (None on a failed page).
+    """
+
     frame_width: int | None = None
     frame_height: int | None = None
     rotation_angle: float | None = None
@@ -182,8 +206,7 @@ def build_table(pages: list[PageOutcome]) -> pa.Table:
                                           pa.array(index_np.astype(np.int16), type=pa.int16()))
     timings = np.array([p.timings for p in pages], dtype=np.float32).reshape(-1, 4)
     columns: dict[str, Any] = {
-        "img_file_name": [p.filename for p in pages],
-        "source_etag": [p.etag for p in pages],
+        **record_columns(pages),
         "rotation_angle": _nullable([p.rotation_angle for p in pages], pa.float32(), np.float32),
         "tps_points": _tps_column(pages),
         "tps_alpha": _nullable([p.tps_alpha if p.tps_points is not None else None for p in pages],
@@ -191,23 +214,15 @@ def build_table(pages: list[PageOutcome]) -> pa.Table:
         "contours": contours,
         "nb_contours": [len(p.contours) for p in pages],
         "contours_bboxes": boxes,
-        "ok": [p.ok for p in pages],
-        "error_stage": [p.error_stage for p in pages],
-        "error_type": [p.error_type for p in pages],
-        "error_message": [p.error_message for p in pages],
         "nb_lines": [p.nb_lines for p in pages],
         "line_index": line_index,
-        "width": [p.width for p in pages],
-        "height": [p.height for p in pages],
         "frame_width": [p.frame_width for p in pages],
         "frame_height": [p.frame_height for p in pages],
         "skew_angle": [p.skew_angle for p in pages],
         "fetch_ms": timings[:, 0], "decode_ms": timings[:, 1],
         "infer_ms": timings[:, 2], "post_ms": timings[:, 3],
     }
-    arrays = [columns[f.name] if isinstance(columns[f.name], pa.Array)
-              else pa.array(columns[f.name], type=f.type) for f in SCHEMA]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    return table_of(columns, SCHEMA)
 
 
 def parquet_bytes(pages: list[PageOutcome], metadata: dict[str, str] | None = None) -> bytes:

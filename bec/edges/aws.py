@@ -15,6 +15,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from bec.config import number_setting
 from bec.errors import BadInput, BecError, PageError, RetryableError, StorageUnavailable, Unavailable
 
 # Codes that mean "the request itself is wrong" rather than "try again".
@@ -35,13 +36,7 @@ def retries() -> dict[str, Any]:
     raw = os.environ.get("AWS_MAX_ATTEMPTS")
     if not raw:
         return {"mode": "adaptive", "max_attempts": DEFAULT_RETRIES}
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadInput(f"AWS_MAX_ATTEMPTS must be a whole number, got {raw!r}") from None
-    if value < 1:
-        raise BadInput(f"AWS_MAX_ATTEMPTS must be at least 1, got {value}")
-    return {"mode": "adaptive", "total_max_attempts": value}
+    return {"mode": "adaptive", "total_max_attempts": int(number_setting("AWS_MAX_ATTEMPTS", raw, whole=True))}
 
 
 def client_config(max_attempts: int | None = None, pool: int = 32,

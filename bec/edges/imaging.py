@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Callable, Iterator
 
 import cv2
@@ -216,3 +217,21 @@ def resize_into(gray: np.ndarray, out: np.ndarray) -> None:
         return
     shrinking = gray.shape[0] >= h and gray.shape[1] >= w
     cv2.resize(gray, (w, h), dst=out, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def read_gray_file(path: Path) -> np.ndarray:
+    """A whole page from disk as 8-bit gray, at full size: for the tools that score real pages
+    (not the worker's path, which decodes to the frame). An unreadable image is ``BadInput``;
+    a missing file raises ``FileNotFoundError`` for the caller to word."""
+    from PIL import UnidentifiedImageError
+
+    from bec.errors import BadInput
+
+    Image.MAX_IMAGE_PIXELS = 200_000_000          # 600-dpi book scans are large, not bombs
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"))
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadInput(f"{path.name} cannot be read as an image: {exc}") from None

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bec.edges.artifacts import PageRecord, record_columns, table_of
+
 LINE = pa.struct([("text", pa.string()), ("confidence", pa.float32()), ("line_index", pa.int16()),
                   ("x", pa.int16()), ("y", pa.int16()), ("w", pa.int16()), ("h", pa.int16())])
 REQUIRED = {"img_file_name", "ok", "nb_lines", "lines", "fetch_ms", "decode_ms", "ocr_ms", "cut_ms"}
@@ -54,18 +56,10 @@ LineTuple = tuple[str, float, int, int, int, int, int]
 
 
 @dataclass
-class OcrOutcome:
+class OcrOutcome(PageRecord):
     """A page read by the OCR process. Failed pages are ``bec.edges.artifacts.PageOutcome``s (the
-    controller's, kind-agnostic); the table reads only their common fields."""
+    controller's, kind-agnostic); the table reads only their :class:`PageRecord` fields."""
 
-    filename: str
-    ok: bool
-    etag: str | None = None
-    error_stage: str | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    width: int | None = None
-    height: int | None = None
     text_lines: list[LineTuple] = field(default_factory=list)
     line_source: str | None = None
     timings: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
@@ -101,26 +95,17 @@ def build_table(pages: list[Any]) -> pa.Table:
          *(_int16(list(c)) for c in columns[2:])], fields=list(LINE))
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in lines], dtype=np.int64)]).astype(np.int32)
     timings = np.array([p.timings for p in pages], dtype=np.float32).reshape(-1, 4)
-    ok = [bool(p.ok) for p in pages]
-    data: dict[str, Any] = {
-        "img_file_name": [p.filename for p in pages],
-        "source_etag": [p.etag for p in pages],
-        "ok": ok,
-        "error_stage": [p.error_stage for p in pages],
-        "error_type": [p.error_type for p in pages],
-        "error_message": [p.error_message for p in pages],
+    data: dict[str, Any] = record_columns(pages)
+    ok = data["ok"]
+    data.update({
         "text": [p.text if good else None for p, good in zip(pages, ok)],
         "nb_lines": [len(x) for x in lines],
         "lines": pa.ListArray.from_arrays(pa.array(offsets), structs),
         "mean_confidence": [p.mean_confidence if good else None for p, good in zip(pages, ok)],
         "line_source": [getattr(p, "line_source", None) if good else None for p, good in zip(pages, ok)],
-        "width": [p.width for p in pages],
-        "height": [p.height for p in pages],
         "fetch_ms": timings[:, 0], "decode_ms": timings[:, 1], "ocr_ms": timings[:, 2], "cut_ms": timings[:, 3],
-    }
-    arrays = [data[f.name] if isinstance(data[f.name], pa.Array) else pa.array(data[f.name], type=f.type)
-              for f in SCHEMA]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    })
+    return table_of(data, SCHEMA)
 
 
 def parquet_bytes(pages: list[Any], metadata: dict[str, str] | None = None) -> bytes:

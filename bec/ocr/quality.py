@@ -32,16 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bec.errors import BadInput
+
 os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # one core per engine, as in the worker
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 FILE_NAME_LINE = re.compile(r"\S+\.(tif|tiff|jpg|jpeg|png)", re.IGNORECASE)
 TIBETAN = re.compile("[\u0f00-\u0fff]")
 MODES = ("page", "ldv1")
-
-
-class BadInput(Exception):
-    """A problem with the command's input, said in one line."""
 
 
 @dataclass
@@ -110,6 +108,8 @@ def from_ewts(lines: list[str]) -> str:
 
 
 def real_samples(folder: Path) -> list[Sample]:
+    from bec.edges.imaging import read_gray_file
+
     scripts = folder / "transcripts"
     if not scripts.is_dir():
         raise BadInput(f"{str(scripts)!r} is not a folder of transcripts")
@@ -118,22 +118,10 @@ def real_samples(folder: Path) -> list[Sample]:
         images = [folder / (path.stem + s) for s in IMAGE_SUFFIXES if (folder / (path.stem + s)).is_file()]
         if not images:
             raise BadInput(f"no image for the transcript {path.name} in {str(folder)!r}")
-        samples.append(Sample(path.stem, "real", _load_gray(images[0]), read_transcript(path)))
+        samples.append(Sample(path.stem, "real", read_gray_file(images[0]), read_transcript(path)))
     if not samples:
         raise BadInput(f"no transcript (.txt, .json) in {str(scripts)!r}")
     return samples
-
-
-def _load_gray(path: Path):  # noqa: ANN202 - numpy array
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = 200_000_000          # 600-dpi book scans are large, not bombs
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BadInput(f"{path.name} cannot be read as an image: {exc}") from None
 
 
 def generated_samples(count: int, start: int, kinds: list[str]) -> list[Sample]:

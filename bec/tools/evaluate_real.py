@@ -26,11 +26,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bec.errors import BadInput
+
 __all__ = ["RealPage", "read_counts", "within_tolerance", "score_pages", "main"]
-
-
-class BadInput(Exception):
-    """A problem with the command's input, said in one line."""
 
 
 @dataclass
@@ -74,17 +72,12 @@ def read_counts(path: Path) -> list[RealPage]:
 
 
 def _load_gray(path: Path):  # noqa: ANN202 - numpy array
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from bec.edges.imaging import read_gray_file
 
-    Image.MAX_IMAGE_PIXELS = 200_000_000          # 600-dpi book scans are large, not bombs
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L"))
+        return read_gray_file(path)
     except FileNotFoundError:
         raise BadInput(f"{path.name} is listed in the counts file but not in {str(path.parent)!r}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BadInput(f"{path.name} cannot be read as an image: {exc}") from None
 
 
 def score_pages(model, folder: Path, pages: list[RealPage],  # noqa: ANN001 - torch module

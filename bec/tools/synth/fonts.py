@@ -38,16 +38,11 @@ class FontSpec:
 FONTS: tuple[FontSpec, ...] = (
     FontSpec("TibetanMachineUni.ttf", "fonts-tibetan-machine", "uchen", 3.0),
     FontSpec("DDC_Uchen.ttf", "fonts-ddc-uchen", "uchen", 3.0),
-    FontSpec("Monlam Uni OuChan1.ttf", "fonts-monlam", "uchen", 1.0),
-    FontSpec("Monlam Uni OuChan2.ttf", "fonts-monlam", "uchen", 1.0),
-    FontSpec("Monlam Uni OuChan3.ttf", "fonts-monlam", "uchen", 1.0),
-    FontSpec("Monlam Uni OuChan4.ttf", "fonts-monlam", "uchen", 1.0),
-    FontSpec("Monlam Uni OuChan5.ttf", "fonts-monlam", "uchen", 1.0),
+    *(FontSpec(f"Monlam Uni OuChan{n}.ttf", "fonts-monlam", "uchen", 1.0) for n in range(1, 6)),
     FontSpec("Monlam Uni Sans Serif.ttf", "fonts-monlam", "uchen", 0.5),
     FontSpec("TibetanSambhotaYigchung.ttf", "fonts-sambhota-yigchung", "umed", 3.0),
     FontSpec("fonts-sambhota-tsugring.otf", "fonts-sambhota-tsugring", "umed", 2.0),
-    FontSpec("Monlam Uni Dutsa1.ttf", "fonts-monlam", "umed", 1.5),
-    FontSpec("Monlam Uni Dutsa2.ttf", "fonts-monlam", "umed", 1.5),
+    *(FontSpec(f"Monlam Uni Dutsa{n}.ttf", "fonts-monlam", "umed", 1.5) for n in (1, 2)),
     FontSpec("Monlam Uni PayTsik.ttf", "fonts-monlam", "umed", 1.0),
 )
 #: Left out: Monlam's Chouk, ChoukMatik, Tikrang and TikTong. Their long swashes cross
