@@ -16,12 +16,13 @@ BAND = 24   # band height in frame pixels
 PITCH = 60  # line pitch
 
 
-def draw_segments(mask: np.ndarray, segments: list[tuple[int, int, int]], slope: float = 0.0) -> None:
-    """Bands (x0, x1, centre y); ``slope`` tilts them (dy per dx, image y down)."""
+def draw_segments(mask: np.ndarray, segments: list[tuple[int, int, int]], slope: float = 0.0,
+                  band: int = BAND) -> None:
+    """Bands (x0, x1, centre y) ``band`` high; ``slope`` tilts them (dy per dx, image y down)."""
     for x0, x1, yc in segments:
         for x in range(x0, x1):
             y = int(round(yc - slope * x))
-            mask[y - BAND // 2:y + BAND // 2, x] = 1
+            mask[y - band // 2:y + band // 2, x] = 1
 
 
 def truth_of(lines, expected: dict[tuple[int, int], int]) -> None:
@@ -79,6 +80,48 @@ def test_side_panels_keep_their_own_lines():
     assert starts[-5:] == [120, 700, 120, 700, 3560]
     last_row = [x for x, i in zip(starts, lines.line_index) if i == lines.nb_lines - 1]
     assert last_row == [3560]
+
+
+def test_a_folio_whose_every_line_flows_around_two_string_holes_has_whole_lines():
+    """A short pecha folio with two large string holes: no line runs across either hole, so
+    the column coverage there is zero, as in a column gutter. On a folio the block is one
+    text: the three pieces of each line are one line."""
+    w, h = 2400, 512
+    mask = np.zeros((h, w), np.uint8)
+    expected = {}
+    for k in range(4):
+        y = 120 + k * PITCH
+        chord = 40 if k in (0, 3) else 90                      # the circle is wider mid-page
+        pieces = [(300, 900 - chord), (900 + chord, 1500 - chord), (1500 + chord, 2100)]
+        draw_segments(mask, [(a, b, y) for a, b in pieces])
+        expected.update({(a, y): k for a, _ in pieces})
+    lines = find_lines(mask, (w * 2, h * 2))
+    assert lines.count == 12 and lines.nb_lines == 4
+    truth_of(lines, expected)
+
+
+def test_marks_outside_the_text_block_are_not_lines():
+    """A folio: a marginal note above the block and a caption under it, both thin and short;
+    and a book page: thin show-through beyond its right margin. None is a text line. The
+    book's page number under its body is full height and stays a line."""
+    w, h = 2400, 512
+    mask = np.zeros((h, w), np.uint8)
+    body = [(300, 2100, 130 + k * PITCH) for k in range(5)]
+    draw_segments(mask, body)
+    draw_segments(mask, [(1500, 1640, 60), (1700, 1760, 60)], band=10)   # a note in two pieces
+    draw_segments(mask, [(320, 520, 455)], band=12)                       # a caption
+    lines = find_lines(mask, (w, h))
+    assert lines.nb_lines == 5 and lines.count == 5
+    assert sorted(int(c[:, 0].min()) for c in lines.frame_contours) == [300] * 5
+
+    w, h = 1400, 2000
+    mask = np.zeros((h, w), np.uint8)
+    rows = [160 + k * PITCH for k in range(20)]
+    draw_segments(mask, [(100, 1200, y) for y in rows] + [(640, 700, 1480)])  # body, page number
+    draw_segments(mask, [(1280, 1390, y + 4) for y in rows[2::5]], band=10)   # show-through
+    lines = find_lines(mask, (w, h))
+    assert lines.nb_lines == 21 and lines.count == 21
+    assert int(lines.frame_contours[-1][:, 0].min()) == 640
 
 
 def test_two_columns_are_not_joined_but_a_running_header_is_one_line():

@@ -21,6 +21,16 @@ How (on a straightened page: the caller rotates the boxes by the residual skew f
   bottom are split there, at least as many as run across it (a narrow gutter that the model
   bridged on some rows). Shads and spaces do not line up from one line to the next.
 
+On a folio (a page at least ``FOLIO_ASPECT`` times as wide as it is tall: a pecha) the text
+is one block: a gap is a gutter only where it cuts off a side panel at an end of the block,
+narrow and with a caption or two (:func:`_side_panel`). A string hole that every line flows around (a short folio with
+large holes) leaves no line across it, yet those lines go on beyond it.
+
+Marks outside the text block are not lines (:func:`marginal_lines`): thin, short bands beyond
+the block's right or left end (show-through, the edge of the next page), and on a folio above
+or below it (marginal notes, captions under the illustrations). A book page's running header,
+page number and footnotes sit above and below its body on purpose and stay lines.
+
 Lines are ordered top to bottom, lines at the same height left to right, and the contours
 of a line left to right.
 """
@@ -50,6 +60,18 @@ MIN_SPLIT_ROWS = 3
 GUTTER_SPAN = 0.6
 #: Lines whose centres differ by less than this many band heights are at the same height.
 SAME_HEIGHT = 0.5
+#: A page this many times as wide as it is tall is a folio: one text block.
+FOLIO_ASPECT = 2.0
+#: On a folio, a gap is a gutter only when it cuts off a side panel: the text beyond it, to
+#: the block's end, spans less than ``SIDE_PANEL_SHARE`` of the block's width and stands on
+#: fewer than ``PANEL_ROWS`` of the rows the block has (captions under an illustration).
+SIDE_PANEL_SHARE = 0.3
+PANEL_ROWS = 0.5
+#: A line whose bands are all thinner than this share of the body's band, and together
+#: shorter than ``MARK_SHARE`` of the block's width, is a mark when it stands outside the
+#: text block (see :func:`marginal_lines`).
+MARK_HEIGHT = 0.75
+MARK_SHARE = 0.4
 
 
 class _Union:
@@ -74,10 +96,12 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
 
 
-def group_lines(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def group_lines(boxes: np.ndarray, page_size: tuple[float, float] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Group contours into text lines.
 
-    ``boxes`` is L×4 ``(x0, y0, x1, y1)`` per contour on the straightened page (any unit).
+    ``boxes`` is L×4 ``(x0, y0, x1, y1)`` per contour on the straightened page (any unit);
+    ``page_size`` (w, h) in the same unit tells a folio from a book page (None: a book page).
     Returns ``(order, line_index)``: the contour order (lines top to bottom, each left to
     right) and, for the contours in that order, their line index (0 = top line).
     """
@@ -97,11 +121,17 @@ def group_lines(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     gaps = [(float(x1[i]), float(x0[j]), float(y0[i] + y1[i]) / 2) for i, j in pairs
             if x0[j] - x1[i] > MIN_GUTTER_GAP * band]
     block = float(y1.max() - y0.min())
+    folio = page_size is not None and page_size[0] >= FOLIO_ASPECT * page_size[1]
+    left_end, right_end = float(x0.min()), float(x1.max())
     union = _Union(n)
     for i, j in pairs:
         gap = x0[j] - x1[i]
         wide = gap > JOIN_GAP * band
-        if gap <= MIN_GUTTER_GAP * band or not _is_gutter(coverage, x1[i], x0[j], body, gaps, block, wide):
+        if gap <= MIN_GUTTER_GAP * band:
+            union.join(i, j)
+        elif folio and not _side_panel(x0, x1, (x1[i] + x0[j]) / 2, left_end, right_end, body):
+            union.join(i, j)        # inside a folio's block: a string hole, an inset, a space
+        elif not _is_gutter(coverage, x1[i], x0[j], body, gaps, block, wide):
             union.join(i, j)
 
     roots = np.array([union.find(i) for i in range(n)])
@@ -141,6 +171,21 @@ def _right_neighbour(i: int, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1:
     return int(candidates[np.argmin(gaps)])
 
 
+def _side_panel(x0: np.ndarray, x1: np.ndarray, middle: float, left_end: float,
+                right_end: float, body: float) -> bool:
+    """On a folio, does a gap at ``middle`` cut off a side panel at an end of the block?
+    A side panel is narrow and holds a caption or two; the short first words of a justified
+    line stand on every row."""
+    width = right_end - left_end
+    if middle - left_end < SIDE_PANEL_SHARE * width:
+        beyond = np.count_nonzero(x1 <= middle)
+    elif right_end - middle < SIDE_PANEL_SHARE * width:
+        beyond = np.count_nonzero(x0 >= middle)
+    else:
+        return False
+    return beyond < PANEL_ROWS * body
+
+
 def _column_coverage(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
     """How many contours cover each x (one bin per unit, from 0 to the rightmost end)."""
     size = int(np.ceil(x1.max())) + 2
@@ -177,3 +222,38 @@ def _is_gutter(coverage: np.ndarray, left_end: float, right_start: float, body: 
     rows = [y for lo, hi, y in gaps if lo < middle < hi]
     return (len(rows) >= MIN_SPLIT_ROWS and len(rows) >= crossing
             and max(rows) - min(rows) >= GUTTER_SPAN * block_height)
+
+
+def marginal_lines(boxes: np.ndarray, line_index: np.ndarray,
+                   page_size: tuple[float, float]) -> np.ndarray:
+    """Which lines are marks outside the text block, not text lines: a bool per line index.
+
+    ``boxes`` (x0, y0, x1, y1) and ``line_index`` are per contour, as :func:`group_lines`
+    gives them. A mark is a line whose contours are all thin (under ``MARK_HEIGHT`` bands)
+    and short (together under ``MARK_SHARE`` of the block's width), standing wholly beyond
+    the block's typical line ends (right or left), or on a folio wholly above or below the
+    block. The block is what the full-height bands cover. Ink there is show-through, the
+    next page's edge, a marginal note or a caption: the model marks it faintly and thinly.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    n_lines = int(line_index.max()) + 1 if len(line_index) else 0
+    marks = np.zeros(n_lines, bool)
+    if n_lines < 2:
+        return marks
+    x0, y0, x1, y1 = boxes.T
+    height = np.maximum(y1 - y0, 1e-6)
+    band = _weighted_median(height, np.maximum(x1 - x0, 1e-6))
+    full = height >= MARK_HEIGHT * band
+    if not full.any():
+        return marks
+    block_left, block_right = np.percentile(x0[full], 25), np.percentile(x1[full], 75)
+    block_top, block_bottom = y0[full].min(), y1[full].max()
+    folio = page_size[0] >= FOLIO_ASPECT * page_size[1]
+    for k in range(n_lines):
+        sel = line_index == k
+        if full[sel].any() or (x1[sel] - x0[sel]).sum() > MARK_SHARE * (block_right - block_left):
+            continue
+        beside = x0[sel].min() >= block_right or x1[sel].max() <= block_left
+        outside = y1[sel].max() <= block_top or y0[sel].min() >= block_bottom
+        marks[k] = beside or (folio and outside)
+    return marks

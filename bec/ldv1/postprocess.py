@@ -44,7 +44,7 @@ import numpy as np
 from bec.ldv1 import dewarp
 from bec.ldv1.correction import (DEFAULT_TPS_ALPHA, NONE, Correction, frame_rotation,
                                  frame_to_original_affine, map_points)
-from bec.ldv1.linegroups import group_lines
+from bec.ldv1.linegroups import group_lines, marginal_lines
 
 MIN_WIDTH_FRAC = 0.02
 MIN_WIDTH_PX = 4
@@ -229,7 +229,13 @@ def find_lines(
     frame = (fw, fh)
     kept = _kept_contours(mask, min_width_frac, min_area_frac)
     angle = skew_from_rects([cv2.minAreaRect(c) for c in kept])
-    order, line_index = group_lines(_straightened_boxes(kept, angle))
+    straight = _straightened_boxes(kept, angle)
+    order, line_index = group_lines(straight, frame)
+    marks = marginal_lines(straight[order], line_index, frame)
+    if marks.any():  # marks outside the text block are no lines: drop them, renumber the rest
+        keep = ~marks[line_index]
+        order, line_index = order[keep], line_index[keep]
+        line_index = (np.cumsum(~marks) - 1)[line_index].astype(np.int16)
     kept = [kept[i] for i in order]
 
     orig_w, orig_h = original_size
