@@ -102,8 +102,9 @@ def test_a_folio_whose_every_line_flows_around_two_string_holes_has_whole_lines(
 
 def test_marks_outside_the_text_block_are_not_lines():
     """A folio: a marginal note above the block and a caption under it, both thin and short;
-    and a book page: thin show-through beyond its right margin. None is a text line. The
-    book's page number under its body is full height and stays a line."""
+    and a book page: thin show-through beyond its right margin and, thinner, between its
+    lines. None is a text line. The book's page number under its body is full height and
+    stays a line."""
     w, h = 2400, 512
     mask = np.zeros((h, w), np.uint8)
     body = [(300, 2100, 130 + k * PITCH) for k in range(5)]
@@ -119,6 +120,7 @@ def test_marks_outside_the_text_block_are_not_lines():
     rows = [160 + k * PITCH for k in range(20)]
     draw_segments(mask, [(100, 1200, y) for y in rows] + [(640, 700, 1480)])  # body, page number
     draw_segments(mask, [(1280, 1390, y + 4) for y in rows[2::5]], band=10)   # show-through
+    draw_segments(mask, [(300, 420, y + PITCH // 2) for y in rows[1::6]], band=8)  # and between
     lines = find_lines(mask, (w, h))
     assert lines.nb_lines == 21 and lines.count == 21
     assert int(lines.frame_contours[-1][:, 0].min()) == 640

@@ -28,7 +28,8 @@ large holes) leaves no line across it, yet those lines go on beyond it.
 
 Marks outside the text block are not lines (:func:`marginal_lines`): thin, short bands beyond
 the block's right or left end (show-through, the edge of the next page), and on a folio above
-or below it (marginal notes, captions under the illustrations). A book page's running header,
+or below it (marginal notes, captions under the illustrations); and, anywhere, very thin short
+bands (show-through between the lines). A book page's running header,
 page number and footnotes sit above and below its body on purpose and stay lines.
 
 Lines are ordered top to bottom, lines at the same height left to right, and the contours
@@ -72,6 +73,9 @@ PANEL_ROWS = 0.5
 #: text block (see :func:`marginal_lines`).
 MARK_HEIGHT = 0.75
 MARK_SHARE = 0.4
+#: Thinner still, such a short line is a mark wherever it stands: show-through between the
+#: lines, a tile edge's sliver. The smallest real text (footnotes) is thicker.
+SPECK_HEIGHT = 0.5
 
 
 class _Union:
@@ -232,7 +236,7 @@ def marginal_lines(boxes: np.ndarray, line_index: np.ndarray,
     gives them. A mark is a line whose contours are all thin (under ``MARK_HEIGHT`` bands)
     and short (together under ``MARK_SHARE`` of the block's width), standing wholly beyond
     the block's typical line ends (right or left), or on a folio wholly above or below the
-    block. The block is what the full-height bands cover. Ink there is show-through, the
+    block; or, anywhere, one whose contours are all under ``SPECK_HEIGHT`` bands. The block is what the full-height bands cover. Ink there is show-through, the
     next page's edge, a marginal note or a caption: the model marks it faintly and thinly.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -255,5 +259,6 @@ def marginal_lines(boxes: np.ndarray, line_index: np.ndarray,
             continue
         beside = x0[sel].min() >= block_right or x1[sel].max() <= block_left
         outside = y1[sel].max() <= block_top or y0[sel].min() >= block_bottom
-        marks[k] = beside or (folio and outside)
+        speck = bool((height[sel] < SPECK_HEIGHT * band).all())
+        marks[k] = beside or (folio and outside) or speck
     return marks
