@@ -147,7 +147,8 @@ def test_two_columns_are_not_joined_but_a_running_header_is_one_line():
 def test_a_table_of_contents_in_two_columns_keeps_its_columns_apart():
     """Entry … dot leader … page number: the model bridges the leader, so an entry is one band
     ending at its column's edge; the gutter between the columns is narrow (a band and a
-    half) and the model bridges it on two rows. The other rows keep their columns apart."""
+    half) and the model bridges it on two rows. Those two bands are cut at the gutter: every
+    entry is a line of its own."""
     w, h = 1400, 1000
     mask = np.zeros((h, w), np.uint8)
     segments = []
@@ -159,8 +160,12 @@ def test_a_table_of_contents_in_two_columns_keeps_its_columns_apart():
             segments += [(100 + 9 * k, 650, y), (686, 1260 - 5 * k, y)]  # gutter 650–686
     draw_segments(mask, segments)
     lines = find_lines(mask, (w, h))
-    assert lines.nb_lines == 10 * 2 + 2
-    assert sorted(lines.line_index) == list(range(22))  # no two contours joined
+    assert lines.nb_lines == lines.count == 12 * 2
+    assert sorted(lines.line_index) == list(range(24))  # no two contours joined
+    for k in (4, 9):  # the bridged rows: the left entry ends at the gutter, the right starts there
+        row = [c for c in lines.frame_contours if abs(c[:, 1].mean() - (100 + k * PITCH)) < PITCH / 3]
+        spans = sorted((int(c[:, 0].min()), int(c[:, 0].max())) for c in row)
+        assert len(spans) == 2 and 650 <= spans[0][1] < spans[1][0] <= 686 and spans[1][1] >= 1250
 
 
 def test_group_lines_on_boxes_alone():

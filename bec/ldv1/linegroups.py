@@ -37,6 +37,8 @@ of a line left to right.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 #: Gaps up to this many band heights are within a line unless the rows split there from
@@ -78,6 +80,18 @@ MARK_SHARE = 0.4
 SPECK_HEIGHT = 0.5
 
 
+class Gutter(NamedTuple):
+    """A column gutter: its x, and the span of the rows split at it (straightened y)."""
+
+    x: float
+    top: float
+    bottom: float
+
+    def splits(self, left_end: float, right_start: float, y: float) -> bool:
+        """Does this gutter run through a gap from ``left_end`` to ``right_start`` at ``y``?"""
+        return left_end <= self.x <= right_start and self.top <= y <= self.bottom
+
+
 class _Union:
     def __init__(self, n: int) -> None:
         self.parent = list(range(n))
@@ -100,12 +114,13 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
 
 
-def group_lines(boxes: np.ndarray, page_size: tuple[float, float] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def group_lines(boxes: np.ndarray, page_size: tuple[float, float] | None = None,
+                gutters: list[Gutter] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Group contours into text lines.
 
     ``boxes`` is L×4 ``(x0, y0, x1, y1)`` per contour on the straightened page (any unit);
-    ``page_size`` (w, h) in the same unit tells a folio from a book page (None: a book page).
+    ``page_size`` (w, h) in the same unit tells a folio from a book page (None: a book page);
+    ``gutters`` (:func:`column_gutters`) are column gutters that no line crosses.
     Returns ``(order, line_index)``: the contour order (lines top to bottom, each left to
     right) and, for the contours in that order, their line index (0 = top line).
     """
@@ -115,27 +130,10 @@ def group_lines(boxes: np.ndarray, page_size: tuple[float, float] | None = None
         return np.zeros(0, np.int64), np.zeros(0, np.int16)
     x0, y0, x1, y1 = boxes.T
     width = np.maximum(x1 - x0, 1e-6)
-    height = np.maximum(y1 - y0, 1e-6)
-    band = _weighted_median(height, width)
-    coverage = _column_coverage(x0, x1)
-    body = _body_coverage(coverage)
-
-    pairs = [(i, j) for i in range(n)
-             for j in [_right_neighbour(i, x0, y0, x1, y1, width, height)] if j is not None]
-    gaps = [(float(x1[i]), float(x0[j]), float(y0[i] + y1[i]) / 2) for i, j in pairs
-            if x0[j] - x1[i] > MIN_GUTTER_GAP * band]
-    block = float(y1.max() - y0.min())
-    folio = page_size is not None and page_size[0] >= FOLIO_ASPECT * page_size[1]
-    left_end, right_end = float(x0.min()), float(x1.max())
+    band = _weighted_median(np.maximum(y1 - y0, 1e-6), width)
     union = _Union(n)
-    for i, j in pairs:
-        gap = x0[j] - x1[i]
-        wide = gap > JOIN_GAP * band
-        if gap <= MIN_GUTTER_GAP * band:
-            union.join(i, j)
-        elif folio and not _side_panel(x0, x1, (x1[i] + x0[j]) / 2, left_end, right_end, body):
-            union.join(i, j)        # inside a folio's block: a string hole, an inset, a space
-        elif not _is_gutter(coverage, x1[i], x0[j], body, gaps, block, wide):
+    for i, j, gutter in _row_links(boxes, page_size, gutters):
+        if not gutter:
             union.join(i, j)
 
     roots = np.array([union.find(i) for i in range(n)])
@@ -158,6 +156,70 @@ def group_lines(boxes: np.ndarray, page_size: tuple[float, float] | None = None
     index = np.concatenate([np.full(len(members), k, np.int16)
                             for k, (_, _, members) in enumerate(ordered)])
     return order, index
+
+
+def _row_links(boxes: np.ndarray, page_size: tuple[float, float] | None,
+               gutters: list[Gutter] = ()) -> list[tuple[int, int, bool]]:
+    """Each contour's nearest neighbour on its right in the same row, and whether the gap
+    between them is a gutter (see the module's docstring; any gap over one of ``gutters``
+    is): ``(left, right, gutter)``."""
+    n = len(boxes)
+    x0, y0, x1, y1 = boxes.T
+    width = np.maximum(x1 - x0, 1e-6)
+    height = np.maximum(y1 - y0, 1e-6)
+    band = _weighted_median(height, width)
+    coverage = _column_coverage(x0, x1)
+    body = _body_coverage(coverage)
+
+    pairs = [(i, j) for i in range(n)
+             for j in [_right_neighbour(i, x0, y0, x1, y1, width, height)] if j is not None]
+    gaps = [(float(x1[i]), float(x0[j]), float(y0[i] + y1[i]) / 2) for i, j in pairs
+            if x0[j] - x1[i] > MIN_GUTTER_GAP * band]
+    block = float(y1.max() - y0.min())
+    folio = page_size is not None and page_size[0] >= FOLIO_ASPECT * page_size[1]
+    left_end, right_end = float(x0.min()), float(x1.max())
+    links = []
+    for i, j in pairs:
+        gap = x0[j] - x1[i]
+        wide = gap > JOIN_GAP * band
+        if any(g.splits(x1[i], x0[j], (y0[i] + y1[i]) / 2) for g in gutters):
+            gutter = True
+        elif gap <= MIN_GUTTER_GAP * band:
+            gutter = False
+        elif folio and not _side_panel(x0, x1, (x1[i] + x0[j]) / 2, left_end, right_end, body):
+            gutter = False          # inside a folio's block: a string hole, an inset, a space
+        else:
+            gutter = _is_gutter(coverage, x1[i], x0[j], body, gaps, block, wide)
+        links.append((i, j, bool(gutter)))
+    return links
+
+
+def column_gutters(boxes: np.ndarray, page_size: tuple[float, float]) -> list[Gutter]:
+    """The column gutters of a page with columns (never a folio's): at the middle of the
+    clear strip that the rows split there leave in common, from the first of those rows to
+    the last (a running header above the columns crosses no gutter).
+
+    The model bridges a narrow gutter on a row now and then (a table of contents' dot
+    leader runs into the next column's entry); :func:`bec.ldv1.postprocess.find_lines`
+    cuts such bridges there. A gutter needs ``MIN_SPLIT_ROWS`` rows split at it and a strip
+    clear on all of them.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0 or page_size[0] >= FOLIO_ASPECT * page_size[1]:
+        return []
+    x0, y0, x1, y1 = boxes.T
+    strips = sorted((float(x1[i]), float(x0[j]), float(y0[i] + y1[i]) / 2)
+                    for i, j, gutter in _row_links(boxes, page_size) if gutter)
+    found: list[Gutter] = []
+    while strips:
+        lo, hi, _ = strips[0]
+        group = [gap for gap in strips if gap[0] < hi and gap[1] > lo]   # gaps over the first
+        strips = [gap for gap in strips if gap not in group]
+        lo, hi = max(gap[0] for gap in group), min(gap[1] for gap in group)
+        if len(group) >= MIN_SPLIT_ROWS and hi > lo:
+            rows = [gap[2] for gap in group]
+            found.append(Gutter((lo + hi) / 2, min(rows), max(rows)))
+    return found
 
 
 def _right_neighbour(i: int, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray,

@@ -44,9 +44,11 @@ import numpy as np
 from bec.ldv1 import dewarp
 from bec.ldv1.correction import (DEFAULT_TPS_ALPHA, NONE, Correction, frame_rotation,
                                  frame_to_original_affine, map_points)
-from bec.ldv1.linegroups import group_lines, marginal_lines
+from bec.ldv1.linegroups import Gutter, column_gutters, group_lines, marginal_lines
 
 MIN_WIDTH_FRAC = 0.02
+#: Width in frame pixels of the cut across a band that bridges a column gutter.
+BRIDGE_CUT = 3
 MIN_WIDTH_PX = 4
 MIN_AREA_FRAC = 1e-4
 MIN_AREA_PX = 16.0
@@ -210,6 +212,24 @@ def _straightened_boxes(contours: list[np.ndarray], angle: float) -> np.ndarray:
     return boxes
 
 
+def _cut_bridges(mask: np.ndarray, contours: list[np.ndarray], boxes: np.ndarray,
+                 gutters: list[Gutter]) -> np.ndarray | None:
+    """The mask with each band that runs across a column gutter cut there (a copy), or None
+    when no band does. The cut is a clear strip ``BRIDGE_CUT`` pixels wide over that band's
+    rows only: the other rows are split at the gutter already."""
+    cut = None
+    for contour, (x0, y0, x1, y1) in zip(contours, boxes):
+        for g in gutters:
+            if g.splits(x0 + BRIDGE_CUT, x1 - BRIDGE_CUT, (y0 + y1) / 2):
+                x = g.x
+                if cut is None:
+                    cut = _as_uint8(mask).copy()
+                _, top, _, h = cv2.boundingRect(contour)
+                a = int(round(x)) - BRIDGE_CUT // 2
+                cut[top:top + h, max(a, 0):a + BRIDGE_CUT] = 0
+    return cut
+
+
 def find_lines(
     mask: np.ndarray,
     original_size: tuple[int, int],
@@ -230,7 +250,12 @@ def find_lines(
     kept = _kept_contours(mask, min_width_frac, min_area_frac)
     angle = skew_from_rects([cv2.minAreaRect(c) for c in kept])
     straight = _straightened_boxes(kept, angle)
-    order, line_index = group_lines(straight, frame)
+    gutters = column_gutters(straight, frame)
+    cut = _cut_bridges(mask, kept, straight, gutters)
+    if cut is not None:
+        kept = _kept_contours(cut, min_width_frac, min_area_frac)
+        straight = _straightened_boxes(kept, angle)
+    order, line_index = group_lines(straight, frame, gutters)
     marks = marginal_lines(straight[order], line_index, frame)
     if marks.any():  # marks outside the text block are no lines: drop them, renumber the rest
         keep = ~marks[line_index]
