@@ -18,14 +18,6 @@ import botocore.exceptions
 from bec.config import number_setting
 from bec.errors import BadInput, BecError, PageError, RetryableError, StorageUnavailable, Unavailable
 
-# Codes that mean "the request itself is wrong" rather than "try again".
-_CLIENT_FAULTS = {
-    "AccessDenied", "AccessDeniedException", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NoSuchBucket",
-    "InvalidParameterValue", "InvalidAttributeName", "UnrecognizedClientException",
-}
-
-
 DEFAULT_RETRIES = 6  # botocore's ``max_attempts``: retries after the first try
 
 
@@ -203,10 +195,6 @@ def page_get_error(exc: BaseException, bucket: str, key: str) -> PageError:
         return PageError("fetch", "s3_error", f"GET {where}: {code or 'error'} (HTTP {status}), "
                                               f"after botocore's retries")
     return PageError("fetch", "s3_unreachable", f"GET {where}: {type(exc).__name__}: {_short(exc)}")
-
-
-def is_client_fault(exc: BaseException) -> bool:
-    return error_code(exc) in _CLIENT_FAULTS
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
