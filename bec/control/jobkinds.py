@@ -80,6 +80,12 @@ class JobKind:
         """(width, height) of an original → (width, height) of its frame in a slot."""
         raise NotImplementedError
 
+    def fetch_preparation(self) -> Callable[[Any, Any], None] | None:
+        """Work a fetch process does on a decoded frame, into the slot's mask area, when the
+        plan says so (``WorkerPlan.threshold_in_fetch``): ldv1 thresholds there on CPU hosts,
+        where fetch processes are many. None: nothing."""
+        return None
+
     def outcome(self, filename: str, result: dict[str, Any], *, etag: str | None,
                 size: tuple[int, int], frame: tuple[int, int],
                 timings: tuple[float, float, float, float]) -> Any:

@@ -37,6 +37,11 @@ class Ldv1Kind(JobKind):
                      "post": "bec.pipeline.post"}
     stage_names = ("fetch", "decode", "infer", "post")
 
+    def fetch_preparation(self) -> Callable[[Any, Any], None]:
+        from bec.ldv1.preprocess import adaptive_threshold_into
+
+        return adaptive_threshold_into
+
     def validate(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         from bec.ldv1.config import Ldv1Config
 

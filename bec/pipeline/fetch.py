@@ -21,7 +21,6 @@ from bec.control import jobkinds
 from bec.edges import aws, imaging
 from bec.errors import PageError
 from bec.edges.localarchive import probe_client, source_client
-from bec.ldv1.preprocess import adaptive_threshold_into
 from bec.pipeline import slots as S
 from bec.pipeline.child import ChildContext
 from bec.pipeline.messages import PAGE_CHANGED as CHANGED, PAGE_S3_UNAVAILABLE as UNAVAILABLE, Fetch, FrameReady
@@ -34,12 +33,14 @@ class Fetcher:
         self.probe_client = probe_client(p.source_bucket, p.region)
         # The frame a page is decoded to is the job kind's (ldv1: the model's frame rule; ocr:
         # the original's size, only what a slot cannot hold is scaled down).
-        self.rule = jobkinds.kind_of(p.job_name).frame_rule(  # type: ignore[union-attr]
-            p.config, ctx.slots.layout.area_bytes)
+        kind = jobkinds.kind_of(p.job_name)
+        assert kind is not None, p.job_name  # the worker refuses a job of no kind
+        self.rule = kind.frame_rule(p.config, ctx.slots.layout.area_bytes)
+        # The kind's own work on the frame, where the plan puts it here (ldv1 on CPU: threshold).
+        self.prepare = kind.fetch_preparation() if p.threshold_in_fetch else None
         self.max_pixels = int(p.config["max_image_pixels"])
         self.max_bytes = int(p.config["max_image_bytes"])
         self.s3 = source_client(p.source_bucket, p.region, max_bytes=self.max_bytes, pool=p.fetch_threads + 2)
-        self.threshold_here = p.threshold_in_fetch
         self.index = int(ctx.spec.role.rsplit("-", 1)[1])
         # Decodes run side by side, except a suspect's (``Fetch.alone``), which runs with no
         # other: if it crashes the process again, it alone is blamed (see ``Controller.scan``).
@@ -77,15 +78,15 @@ class Fetcher:
         fw, fh = self.rule(decoded.width, decoded.height)
         frame = pool.frame(slot, fh, fw)
         imaging.resize_into(decoded.gray, frame)
-        if self.threshold_here:
-            adaptive_threshold_into(frame, pool.mask(slot, fh, fw))
+        if self.prepare is not None:
+            self.prepare(frame, pool.mask(slot, fh, fw))
         t2 = time.perf_counter()
         row = pool.table[slot]
         if int(row["gen"]) != msg.gen:
             return
         row["orig_w"], row["orig_h"] = decoded.width, decoded.height
         row["frame_w"], row["frame_h"] = fw, fh
-        row["binary_ready"] = int(self.threshold_here)
+        row["binary_ready"] = int(self.prepare is not None)
         row["fetch_ms"], row["decode_ms"] = (t1 - t0) * 1000, (t2 - t1) * 1000
         row["nbytes"] = len(data)
         row["etag"] = etag.encode()[:S.ETAG_BYTES]
