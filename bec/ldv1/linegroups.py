@@ -23,14 +23,15 @@ How (on a straightened page: the caller rotates the boxes by the residual skew f
 
 On a folio (a page at least ``FOLIO_ASPECT`` times as wide as it is tall: a pecha) the text
 is one block: a gap is a gutter only where it cuts off a side panel at an end of the block,
-narrow and with a caption or two (:func:`_side_panel`). A string hole that every line flows around (a short folio with
-large holes) leaves no line across it, yet those lines go on beyond it.
+narrow and with a caption or two (:func:`_side_panel`). A string hole that every line flows
+around (a short folio with large holes) leaves no line across it, yet those lines go on
+beyond it.
 
 Marks outside the text block are not lines (:func:`marginal_lines`): thin, short bands beyond
 the block's right or left end (show-through, the edge of the next page), and on a folio above
-or below it (marginal notes, captions under the illustrations); and, anywhere, very thin short
-bands (show-through between the lines). A book page's running header,
-page number and footnotes sit above and below its body on purpose and stay lines.
+or below it (marginal notes, captions under the illustrations); and, anywhere, very thin
+short bands (show-through between the lines). A book page's running header, page number and
+footnotes sit above and below its body on purpose and stay lines.
 
 Lines are ordered top to bottom, lines at the same height left to right, and the contours
 of a line left to right.
@@ -114,13 +115,28 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
 
 
+def _band(boxes: np.ndarray) -> float:
+    """The body's band height: the boxes' heights, their median weighted by width."""
+    x0, y0, x1, y1 = boxes.T
+    return _weighted_median(np.maximum(y1 - y0, 1e-6), np.maximum(x1 - x0, 1e-6))
+
+
+def _is_folio(page_size: tuple[float, float] | None) -> bool:
+    return page_size is not None and page_size[0] >= FOLIO_ASPECT * page_size[1]
+
+
+#: Each contour's right neighbour in its row and whether the gap between is a gutter.
+Links = list[tuple[int, int, bool]]
+
+
 def group_lines(boxes: np.ndarray, page_size: tuple[float, float] | None = None,
-                gutters: list[Gutter] = ()) -> tuple[np.ndarray, np.ndarray]:
+                gutters: list[Gutter] = (), links: Links | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Group contours into text lines.
 
     ``boxes`` is L×4 ``(x0, y0, x1, y1)`` per contour on the straightened page (any unit);
     ``page_size`` (w, h) in the same unit tells a folio from a book page (None: a book page);
-    ``gutters`` (:func:`column_gutters`) are column gutters that no line crosses.
+    ``gutters`` (:func:`column_gutters`) are column gutters that no line crosses; ``links``
+    are :func:`row_links` of these boxes and gutters when the caller has them already.
     Returns ``(order, line_index)``: the contour order (lines top to bottom, each left to
     right) and, for the contours in that order, their line index (0 = top line).
     """
@@ -130,9 +146,9 @@ def group_lines(boxes: np.ndarray, page_size: tuple[float, float] | None = None,
         return np.zeros(0, np.int64), np.zeros(0, np.int16)
     x0, y0, x1, y1 = boxes.T
     width = np.maximum(x1 - x0, 1e-6)
-    band = _weighted_median(np.maximum(y1 - y0, 1e-6), width)
+    band = _band(boxes)
     union = _Union(n)
-    for i, j, gutter in _row_links(boxes, page_size, gutters):
+    for i, j, gutter in links if links is not None else row_links(boxes, page_size, gutters):
         if not gutter:
             union.join(i, j)
 
@@ -158,16 +174,19 @@ def group_lines(boxes: np.ndarray, page_size: tuple[float, float] | None = None,
     return order, index
 
 
-def _row_links(boxes: np.ndarray, page_size: tuple[float, float] | None,
-               gutters: list[Gutter] = ()) -> list[tuple[int, int, bool]]:
+def row_links(boxes: np.ndarray, page_size: tuple[float, float] | None,
+              gutters: list[Gutter] = ()) -> Links:
     """Each contour's nearest neighbour on its right in the same row, and whether the gap
     between them is a gutter (see the module's docstring; any gap over one of ``gutters``
     is): ``(left, right, gutter)``."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     n = len(boxes)
+    if n == 0:
+        return []
     x0, y0, x1, y1 = boxes.T
     width = np.maximum(x1 - x0, 1e-6)
     height = np.maximum(y1 - y0, 1e-6)
-    band = _weighted_median(height, width)
+    band = _band(boxes)
     coverage = _column_coverage(x0, x1)
     body = _body_coverage(coverage)
 
@@ -176,7 +195,7 @@ def _row_links(boxes: np.ndarray, page_size: tuple[float, float] | None,
     gaps = [(float(x1[i]), float(x0[j]), float(y0[i] + y1[i]) / 2) for i, j in pairs
             if x0[j] - x1[i] > MIN_GUTTER_GAP * band]
     block = float(y1.max() - y0.min())
-    folio = page_size is not None and page_size[0] >= FOLIO_ASPECT * page_size[1]
+    folio = _is_folio(page_size)
     left_end, right_end = float(x0.min()), float(x1.max())
     links = []
     for i, j in pairs:
@@ -194,7 +213,8 @@ def _row_links(boxes: np.ndarray, page_size: tuple[float, float] | None,
     return links
 
 
-def column_gutters(boxes: np.ndarray, page_size: tuple[float, float]) -> list[Gutter]:
+def column_gutters(boxes: np.ndarray, page_size: tuple[float, float],
+                   links: Links | None = None) -> list[Gutter]:
     """The column gutters of a page with columns (never a folio's): at the middle of the
     clear strip that the rows split there leave in common, from the first of those rows to
     the last (a running header above the columns crosses no gutter).
@@ -202,14 +222,15 @@ def column_gutters(boxes: np.ndarray, page_size: tuple[float, float]) -> list[Gu
     The model bridges a narrow gutter on a row now and then (a table of contents' dot
     leader runs into the next column's entry); :func:`bec.ldv1.postprocess.find_lines`
     cuts such bridges there. A gutter needs ``MIN_SPLIT_ROWS`` rows split at it and a strip
-    clear on all of them.
+    clear on all of them. ``links``: :func:`row_links` of these boxes, if the caller has them.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if len(boxes) == 0 or page_size[0] >= FOLIO_ASPECT * page_size[1]:
+    if len(boxes) == 0 or _is_folio(page_size):
         return []
     x0, y0, x1, y1 = boxes.T
+    links = links if links is not None else row_links(boxes, page_size)
     strips = sorted((float(x1[i]), float(x0[j]), float(y0[i] + y1[i]) / 2)
-                    for i, j, gutter in _row_links(boxes, page_size) if gutter)
+                    for i, j, gutter in links if gutter)
     found: list[Gutter] = []
     while strips:
         lo, hi, _ = strips[0]
@@ -298,8 +319,9 @@ def marginal_lines(boxes: np.ndarray, line_index: np.ndarray,
     gives them. A mark is a line whose contours are all thin (under ``MARK_HEIGHT`` bands)
     and short (together under ``MARK_SHARE`` of the block's width), standing wholly beyond
     the block's typical line ends (right or left), or on a folio wholly above or below the
-    block; or, anywhere, one whose contours are all under ``SPECK_HEIGHT`` bands. The block is what the full-height bands cover. Ink there is show-through, the
-    next page's edge, a marginal note or a caption: the model marks it faintly and thinly.
+    block; or, anywhere, one whose contours are all under ``SPECK_HEIGHT`` bands. The block
+    is what the full-height bands cover. Ink there is show-through, the next page's edge, a
+    marginal note or a caption: the model marks it faintly and thinly.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     n_lines = int(line_index.max()) + 1 if len(line_index) else 0
@@ -308,13 +330,13 @@ def marginal_lines(boxes: np.ndarray, line_index: np.ndarray,
         return marks
     x0, y0, x1, y1 = boxes.T
     height = np.maximum(y1 - y0, 1e-6)
-    band = _weighted_median(height, np.maximum(x1 - x0, 1e-6))
+    band = _band(boxes)
     full = height >= MARK_HEIGHT * band
     if not full.any():
         return marks
     block_left, block_right = np.percentile(x0[full], 25), np.percentile(x1[full], 75)
     block_top, block_bottom = y0[full].min(), y1[full].max()
-    folio = page_size[0] >= FOLIO_ASPECT * page_size[1]
+    folio = _is_folio(page_size)
     for k in range(n_lines):
         sel = line_index == k
         if full[sel].any() or (x1[sel] - x0[sel]).sum() > MARK_SHARE * (block_right - block_left):

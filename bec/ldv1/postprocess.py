@@ -44,7 +44,7 @@ import numpy as np
 from bec.ldv1 import dewarp
 from bec.ldv1.correction import (DEFAULT_TPS_ALPHA, NONE, Correction, frame_rotation,
                                  frame_to_original_affine, map_points)
-from bec.ldv1.linegroups import Gutter, column_gutters, group_lines, marginal_lines
+from bec.ldv1.linegroups import Gutter, column_gutters, group_lines, marginal_lines, row_links
 
 MIN_WIDTH_FRAC = 0.02
 #: Width in frame pixels of the cut across a band that bridges a column gutter.
@@ -221,11 +221,10 @@ def _cut_bridges(mask: np.ndarray, contours: list[np.ndarray], boxes: np.ndarray
     for contour, (x0, y0, x1, y1) in zip(contours, boxes):
         for g in gutters:
             if g.splits(x0 + BRIDGE_CUT, x1 - BRIDGE_CUT, (y0 + y1) / 2):
-                x = g.x
                 if cut is None:
                     cut = _as_uint8(mask).copy()
                 _, top, _, h = cv2.boundingRect(contour)
-                a = int(round(x)) - BRIDGE_CUT // 2
+                a = int(round(g.x)) - BRIDGE_CUT // 2
                 cut[top:top + h, max(a, 0):a + BRIDGE_CUT] = 0
     return cut
 
@@ -250,12 +249,15 @@ def find_lines(
     kept = _kept_contours(mask, min_width_frac, min_area_frac)
     angle = skew_from_rects([cv2.minAreaRect(c) for c in kept])
     straight = _straightened_boxes(kept, angle)
-    gutters = column_gutters(straight, frame)
-    cut = _cut_bridges(mask, kept, straight, gutters)
-    if cut is not None:
-        kept = _kept_contours(cut, min_width_frac, min_area_frac)
-        straight = _straightened_boxes(kept, angle)
-    order, line_index = group_lines(straight, frame, gutters)
+    links = row_links(straight, frame)
+    gutters = column_gutters(straight, frame, links)
+    if gutters:  # cut what bridges them; the pieces, and every gap over a gutter, link anew
+        cut = _cut_bridges(mask, kept, straight, gutters)
+        if cut is not None:
+            kept = _kept_contours(cut, min_width_frac, min_area_frac)
+            straight = _straightened_boxes(kept, angle)
+        links = None
+    order, line_index = group_lines(straight, frame, gutters, links)
     marks = marginal_lines(straight[order], line_index, frame)
     if marks.any():  # marks outside the text block are no lines: drop them, renumber the rest
         keep = ~marks[line_index]
